@@ -1,0 +1,229 @@
+"""The door of the toolkit: a model and a loss become a pure function of a parameter dict.
+
+Everything downstream (HVPs, Lanczos, SAM, stacked workers) sees only a :class:`FunctionalLoss`:
+a dict of parameter tensors ``params`` and a callable ``loss(params) -> scalar``. The model itself is
+never mutated: buffers are passed as copies and the train/eval flags are restored after every call.
+
+Data is an ``(inputs, targets)`` pair or an iterable of such batches. Over several batches the loss is
+the exact sample-weighted mean ``L = sum_b n_b L_b / sum_b n_b``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Batch = tuple[Tensor, Tensor]
+Params = dict[str, Tensor]
+
+
+class SharpnessInputError(ValueError):
+    """Bad input to a measurement; the message is one line naming the problem."""
+
+
+def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
+    """Normalise ``data`` to a non-empty list of ``(inputs, targets)`` batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        batches = [(data[0], data[1])]
+    else:
+        try:
+            batches = [tuple(b) for b in data]  # type: ignore[union-attr]
+        except TypeError as exc:
+            raise SharpnessInputError(
+                "data must be an (inputs, targets) pair or an iterable of such pairs"
+            ) from exc
+    if not batches:
+        raise SharpnessInputError("data is empty: no batches to evaluate the loss on")
+    for i, b in enumerate(batches):
+        if len(b) != 2 or not all(isinstance(t, Tensor) for t in b):
+            raise SharpnessInputError(f"batch {i} is not an (inputs, targets) pair of tensors")
+        x, y = b
+        if x.shape[0] == 0:
+            raise SharpnessInputError(f"batch {i} is empty")
+        if y.shape[0] != x.shape[0]:
+            raise SharpnessInputError(
+                f"batch {i}: targets have {y.shape[0]} rows but inputs have {x.shape[0]}"
+            )
+    return batches  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def training_flags(model: nn.Module, train: bool) -> Iterator[None]:
+    """Set every submodule's train/eval flag for the duration, then restore each exactly."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``None`` -> the model's device; ``"auto"`` -> CUDA when present; a CUDA request without CUDA is an error."""
+    if device is None:
+        return model_device(model) if model is not None else torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SharpnessInputError("CUDA was requested but this machine has no CUDA device")
+    return dev
+
+
+def select_params(model: nn.Module, params: Sequence[str] | str | None) -> list[str]:
+    """Names of the trainable parameters to differentiate: all, or those starting with a given prefix."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return names
+    prefixes = [params] if isinstance(params, str) else list(params)
+    chosen = [n for n in names if any(n == p or n.startswith(p.rstrip(".") + ".") for p in prefixes)]
+    if not chosen:
+        raise SharpnessInputError(
+            f"params={prefixes!r} matches no parameter; names start with e.g. {names[:5]}"
+        )
+    return chosen
+
+
+@dataclass
+class FunctionalLoss:
+    """A scalar function of a parameter dict, with the point ``params`` where it is measured.
+
+    ``loss(params)`` is pure: it does not change any tensor it is given.
+    """
+
+    loss: Callable[[Params], Tensor]
+    params: Params
+    batch_losses: list[Callable[[Params], Tensor]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def flat_params(self) -> Tensor:
+        return flatten(self.params)
+
+    def unflatten(self, vec: Tensor) -> Params:
+        return unflatten(vec, self.params)
+
+    def terms(self) -> list[tuple[float, Callable[[Params], Tensor]]]:
+        """The loss as ``sum_b w_b L_b`` (one term when there is a single batch)."""
+        if self.batch_losses:
+            return list(zip(self.weights, self.batch_losses))
+        return [(1.0, self.loss)]
+
+
+def flatten(params: Params) -> Tensor:
+    """Concatenate a parameter dict into one vector (dict order)."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    """Split a vector (or a batch of vectors, leading dims kept) into a dict shaped like ``like``."""
+    out: Params = {}
+    i = 0
+    lead = vec.shape[:-1]
+    for name, p in like.items():
+        n = p.numel()
+        out[name] = vec[..., i : i + n].reshape(*lead, *p.shape)
+        i += n
+    return out
+
+
+def make_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Batch | Iterable[Batch],
+    *,
+    params: Sequence[str] | str | None = None,
+    train_mode: bool = False,
+    device: str | torch.device | None = None,
+    check: bool = True,
+) -> FunctionalLoss:
+    """Turn ``(model, loss_fn, data)`` into a :class:`FunctionalLoss` at the model's current weights.
+
+    ``L(theta) = sum_b n_b loss_fn(f(theta; x_b), y_b) / sum_b n_b``. Parameters outside ``params`` and all
+    buffers are frozen at their current values. In eval mode (default) BatchNorm uses running statistics and
+    dropout is off; in train mode BatchNorm uses batch statistics (its running buffers are updated on
+    throw-away copies, never on the model). Cost of construction: one forward pass per batch (``check``).
+    """
+    dev = resolve_device(device, model)
+    batches = [(x.to(dev), y.to(dev)) for x, y in as_batches(data)]
+    names = select_params(model, params)
+    state = {n: t.detach() for n, t in model.named_parameters()}
+    state.update({n: t.detach() for n, t in model.named_buffers()})
+    state = {n: t.to(dev) for n, t in state.items()}
+    theta = {n: state[n] for n in names}
+    frozen = {n: t for n, t in state.items() if n not in theta}
+    buffer_names = {n for n, _ in model.named_buffers()}
+    sizes = [x.shape[0] for x, _ in batches]
+    total = float(sum(sizes))
+
+    def batch_loss(batch: Batch) -> Callable[[Params], Tensor]:
+        x, y = batch
+
+        def f(p: Params) -> Tensor:
+            if train_mode:  # BN would write running stats in place: give it copies
+                fz = {n: (t.clone() if n in buffer_names else t) for n, t in frozen.items()}
+            else:
+                fz = frozen
+            with training_flags(model, train_mode):
+                out = functional_call(model, {**fz, **p}, (x,))
+            return loss_fn(out, y)
+
+        return f
+
+    terms = [batch_loss(b) for b in batches]
+    weights = [n / total for n in sizes]
+
+    def loss(p: Params) -> Tensor:
+        return sum(w * f(p) for w, f in zip(weights, terms))  # type: ignore[return-value]
+
+    fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights)
+    if check:
+        check_loss(fl)
+    return fl
+
+
+def check_loss(fl: FunctionalLoss) -> float:
+    """Evaluate the loss once and turn the usual failures into one-line :class:`SharpnessInputError`."""
+    for i, f in enumerate(fl.terms()):
+        try:
+            with torch.no_grad():
+                value = f[1](fl.params)
+        except SharpnessInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SharpnessInputError(f"the loss failed on batch {i}: {msg}") from exc
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise SharpnessInputError(
+                f"loss_fn must return a scalar, got shape {shape} (use reduction='mean')"
+            )
+    with torch.no_grad():
+        total = float(fl.loss(fl.params))
+    if not math.isfinite(total):
+        raise SharpnessInputError(f"the loss is {total} at these parameters (NaN/inf)")
+    return total

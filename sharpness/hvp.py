@@ -1,0 +1,203 @@
+"""Exact Hessian-vector products of a :class:`~sharpness.functional.FunctionalLoss`.
+
+``HessianOperator`` is the linear operator ``v -> H v`` with ``H = nabla^2 L(theta)`` at the measured point,
+on flat vectors of length ``num_params``. Products are exact (forward-over-reverse automatic differentiation,
+or double backward), never finite differences. Every other curvature routine is built on ``matvec``/``matmat``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from .functional import Batch, FunctionalLoss, Params, SharpnessInputError, make_loss, unflatten
+
+#: Largest model for which ``dense()`` agrees to build the full d x d matrix.
+DENSE_LIMIT = 20_000
+
+
+def as_functional(
+    model: nn.Module | FunctionalLoss,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    data: Batch | Iterable[Batch] | None = None,
+    *,
+    params: Sequence[str] | str | None = None,
+    train_mode: bool = False,
+    device: str | torch.device | None = None,
+) -> FunctionalLoss:
+    """Accept either a ready :class:`FunctionalLoss` or the ``(model, loss_fn, data)`` triple."""
+    if isinstance(model, FunctionalLoss):
+        return model
+    if loss_fn is None or data is None:
+        raise SharpnessInputError("a model needs both loss_fn and data")
+    return make_loss(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
+
+
+class HessianOperator:
+    """``H v`` for the Hessian ``H = nabla^2 L(theta)`` of a loss at fixed parameters.
+
+    Build it from ``(model, loss_fn, data)`` or from a :class:`FunctionalLoss`. Costs, in gradient units:
+    ``matvec`` about 2-3 gradients (one forward-over-reverse pass per batch); ``matmat`` with ``k`` columns
+    runs them ``chunk`` at a time through one vectorised call. ``hvp_count`` counts vectors multiplied.
+
+    ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``) or
+    ``"autograd"`` (double backward with ``is_grads_batched`` on a gradient graph built once and reused).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalLoss,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        data: Batch | Iterable[Batch] | None = None,
+        params: Sequence[str] | str | None = None,
+        *,
+        train_mode: bool = False,
+        device: str | torch.device | None = None,
+        backend: str = "autograd",
+        chunk: int = 8,
+    ) -> None:
+        if backend not in ("func", "autograd"):
+            raise SharpnessInputError(f"backend must be 'func' or 'autograd', not {backend!r}")
+        self.fl = as_functional(
+            model, loss_fn, data, params=params, train_mode=train_mode, device=device
+        )
+        self.backend = backend
+        self.chunk = max(1, int(chunk))
+        self.train_mode = train_mode
+        self.theta = self.fl.flat_params().detach()
+        self.hvp_count = 0
+        self.grad_count = 0
+        self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def num_params(self) -> int:
+        return self.theta.numel()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    def _flat_terms(self) -> list[tuple[float, Callable[[Tensor], Tensor]]]:
+        like = self.fl.params
+        return [(w, (lambda t, f=f: f(unflatten(t, like)))) for w, f in self.fl.terms()]
+
+    def loss(self) -> float:
+        """``L(theta)`` (one forward pass per batch)."""
+        with torch.no_grad():
+            return float(self.fl.loss(self.fl.params))
+
+    def gradient(self) -> Tensor:
+        """Flat ``nabla L(theta)`` (one gradient)."""
+        self.grad_count += 1
+        return sum(w * grad(f)(self.theta) for w, f in self._flat_terms())  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- products
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for one flat vector ``v`` (d,). Cost: 1 HVP."""
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``H V`` for a (d, k) block, ``chunk`` columns per vectorised call. Cost: k HVPs."""
+        if V.dim() != 2 or V.shape[0] != self.num_params:
+            raise SharpnessInputError(
+                f"matmat expects a ({self.num_params}, k) block, got {tuple(V.shape)}"
+            )
+        V = V.to(device=self.device, dtype=self.dtype)
+        rows = V.T.contiguous()
+        out = [self._hvp_rows(rows[i : i + self.chunk]) for i in range(0, rows.shape[0], self.chunk)]
+        self.hvp_count += rows.shape[0]
+        return torch.cat(out, 0).T.contiguous() if out else V.clone()
+
+    def _hvp_rows(self, rows: Tensor) -> Tensor:
+        if self.backend == "func":
+            return self._hvp_func(rows)
+        return self._hvp_autograd(rows)
+
+    def _hvp_func(self, rows: Tensor) -> Tensor:
+        theta = self.theta
+        total = None
+        for w, f in self._flat_terms():
+            g = grad(f)
+
+            def one(v: Tensor, g=g) -> Tensor:
+                return jvp(g, (theta,), (v,))[1]
+
+            hv = vmap(one)(rows) if rows.shape[0] > 1 else one(rows[0]).unsqueeze(0)
+            total = w * hv if total is None else total + w * hv
+        return total.detach()  # type: ignore[union-attr]
+
+    def _gradient_graphs(self) -> list[tuple[float, Tensor, Tensor]]:
+        """One differentiable gradient per batch, built once and reused by every product."""
+        if self._graphs is None:
+            graphs = []
+            for w, f in self._flat_terms():
+                t = self.theta.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+                graphs.append((w, t, g))
+            self._graphs = graphs
+        return self._graphs
+
+    def _hvp_autograd(self, rows: Tensor) -> Tensor:
+        total = None
+        for w, t, g in self._gradient_graphs():
+            if rows.shape[0] == 1:
+                (hv,) = torch.autograd.grad(g, t, grad_outputs=rows[0], retain_graph=True)
+                hv = hv.unsqueeze(0)
+            else:
+                (hv,) = torch.autograd.grad(
+                    g, t, grad_outputs=rows, retain_graph=True, is_grads_batched=True
+                )
+            total = w * hv if total is None else total + w * hv
+        return total.detach()  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """Free the cached gradient graphs (the autograd backend keeps them between calls)."""
+        self._graphs = None
+
+    # ----------------------------------------------------------------- views
+    def dense(self) -> Tensor:
+        """The full d x d Hessian (d HVPs); refused above ``DENSE_LIMIT`` parameters."""
+        d = self.num_params
+        if d > DENSE_LIMIT:
+            raise SharpnessInputError(
+                f"dense() needs a d x d matrix; d = {d} exceeds the limit of {DENSE_LIMIT}"
+            )
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        H = self.matmat(eye)
+        return 0.5 * (H + H.T)
+
+    def to_scipy(self) -> LinearOperator:
+        """A float64 ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out)."""
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(v).double().cpu().numpy()
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+            return self.matmat(V).double().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+
+def params_dict_like(fl: FunctionalLoss, vec: Tensor) -> Params:
+    """Convenience: a flat vector as a parameter dict shaped like ``fl.params``."""
+    return unflatten(vec, fl.params)

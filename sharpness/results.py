@@ -1,0 +1,99 @@
+"""Result types and atomic writing.
+
+Every measurement returns a dataclass derived from :class:`Result`; ``to_dict()`` is JSON-ready (tensors and
+arrays become lists, dtypes and devices become strings) and always carries the settings, the seed, the device
+and the torch version. Files are written atomically: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert tensors, arrays, numpy scalars, dtypes, devices and dataclasses to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    return obj
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, str]:
+    """Versions and device, recorded with every result."""
+    return {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device) if device is not None else "cpu",
+    }
+
+
+@dataclasses.dataclass
+class Result:
+    """Base of all results: ``settings`` (every argument that shaped the number), ``seed``, ``device``."""
+
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict, kw_only=True)
+    seed: int | None = dataclasses.field(default=None, kw_only=True)
+    device: str = dataclasses.field(default="cpu", kw_only=True)
+    torch_version: str = dataclasses.field(default=torch.__version__, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(self)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Atomically write ``obj`` (made JSON-ready by :func:`jsonable`) as indented JSON."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` through a temporary file and a rename, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
