@@ -1,0 +1,113 @@
+"""Loss values and gradients of a :class:`~sharpness.functional.FunctionalLoss` at perturbed points.
+
+Shared by the SAM losses (:mod:`sharpness.sam`) and the loss landscapes (:mod:`sharpness.landscape`):
+both evaluate ``L(theta)`` at many flat parameter vectors near the measured point, never touching a module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .functional import Batch, FunctionalLoss, SharpnessInputError, check_loss, make_loss
+
+
+def prepare(
+    model: nn.Module | FunctionalLoss,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    data: Batch | Iterable[Batch] | None,
+    *,
+    params: Sequence[str] | str | None,
+    train_mode: bool,
+    device: str | torch.device | None,
+    seed: int | None,
+    **extra: Any,
+) -> tuple[FunctionalLoss, dict[str, Any]]:
+    """The :class:`FunctionalLoss` to measure and the settings dict to record with the result.
+
+    A ready ``FunctionalLoss`` was built with its own ``params``/``train_mode``/``device``; passing those
+    again would be silently ignored, so it is refused. Cost: one forward pass per batch (the input check).
+    """
+    if isinstance(model, FunctionalLoss):
+        if params is not None or train_mode or device is not None or loss_fn is not None or data is not None:
+            raise SharpnessInputError(
+                "params/train_mode/device/loss_fn/data apply only when a model is given, not a FunctionalLoss"
+            )
+        fl = model
+        check_loss(fl)
+        settings: dict[str, Any] = {"input": "FunctionalLoss", "params": None, "train_mode": None}
+    else:
+        if loss_fn is None or data is None:
+            raise SharpnessInputError("a model needs both loss_fn and data")
+        fl = make_loss(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
+        settings = {"input": "model", "params": params, "train_mode": bool(train_mode)}
+    settings.update(
+        {
+            "seed": seed,
+            "device": str(fl.device),
+            "dtype": str(fl.dtype),
+            "num_params": fl.num_params,
+            "num_batches": len(fl.terms()),
+        }
+    )
+    settings.update(extra)
+    return fl, settings
+
+
+def default_chunk(fl: FunctionalLoss) -> int:
+    """Points per vectorised forward call: 1 on CPU (a plain loop), 16 on CUDA."""
+    return 16 if fl.device.type == "cuda" else 1
+
+
+def loss_at(fl: FunctionalLoss, theta: Tensor) -> float:
+    """``L(theta)`` for one flat vector. Cost: one forward pass per batch."""
+    with torch.no_grad():
+        return float(fl.loss(fl.unflatten(theta.to(device=fl.device, dtype=fl.dtype))))
+
+
+def loss_values(fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None) -> Tensor:
+    """``[L(theta_1), ..., L(theta_k)]`` for a (k, d) block of flat vectors, under ``torch.no_grad``.
+
+    ``chunk`` points go through one ``vmap``-ed forward call; a model that cannot be vmapped (e.g. BatchNorm
+    in train mode, which writes running statistics) falls back to a loop. Cost: k forward passes per batch.
+    """
+    if points.dim() != 2 or points.shape[1] != fl.num_params:
+        raise SharpnessInputError(
+            f"expected a (k, {fl.num_params}) block of points, got {tuple(points.shape)}"
+        )
+    chunk = default_chunk(fl) if chunk is None else max(1, int(chunk))
+    points = points.to(device=fl.device, dtype=fl.dtype)
+    out: list[Tensor] = []
+    flat = lambda t: fl.loss(fl.unflatten(t))
+    vmappable = chunk > 1
+    with torch.no_grad():
+        for i in range(0, points.shape[0], chunk):
+            block = points[i : i + chunk]
+            if vmappable and block.shape[0] > 1:
+                try:
+                    out.append(vmap(flat)(block).reshape(-1))
+                    continue
+                except Exception:  # noqa: BLE001 - not vmappable: the loop below re-raises real errors
+                    vmappable = False
+            out.append(torch.stack([flat(t).reshape(()) for t in block]))
+    values = torch.cat(out) if out else points.new_zeros(0)
+    return values.detach()
+
+
+def value_and_grad(fl: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
+    """``(L(theta), nabla L(theta))`` at a flat vector, batch by batch. Cost: one gradient."""
+    theta = theta.detach().to(device=fl.device, dtype=fl.dtype)
+    value = 0.0
+    g = torch.zeros_like(theta)
+    for w, f in fl.terms():
+        t = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = f(fl.unflatten(t))
+            (gb,) = torch.autograd.grad(loss, t)
+        value += w * float(loss.detach())
+        g += w * gb
+    return value, g
