@@ -43,7 +43,7 @@ class HessianOperator:
 
     Build it from ``(model, loss_fn, data)`` or from a :class:`FunctionalLoss`. Costs, in gradient units:
     ``matvec`` about 2-3 gradients (one forward-over-reverse pass per batch); ``matmat`` with ``k`` columns
-    runs them ``chunk`` at a time through one vectorised call. ``hvp_count`` counts vectors multiplied.
+    runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA). ``hvp_count`` counts vectors multiplied.
 
     ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``) or
     ``"autograd"`` (double backward with ``is_grads_batched`` on a gradient graph built once and reused).
@@ -59,7 +59,7 @@ class HessianOperator:
         train_mode: bool = False,
         device: str | torch.device | None = None,
         backend: str = "autograd",
-        chunk: int = 8,
+        chunk: int | None = None,
     ) -> None:
         if backend not in ("func", "autograd"):
             raise SharpnessInputError(f"backend must be 'func' or 'autograd', not {backend!r}")
@@ -67,6 +67,10 @@ class HessianOperator:
             model, loss_fn, data, params=params, train_mode=train_mode, device=device
         )
         self.backend = backend
+        # On CPU one product at a time on the reused graph measured fastest (about 1.2 gradients per vector on
+        # a small CNN, against 2.3 for vmapped blocks of 8); on CUDA batching pays. See benchmarks/.
+        if chunk is None:
+            chunk = 8 if self.fl.device.type == "cuda" else 1
         self.chunk = max(1, int(chunk))
         self.train_mode = train_mode
         self.theta = self.fl.flat_params().detach()
