@@ -1,0 +1,222 @@
+"""``dsgd-verify``: run D-SGD / C-SGD / SAM side by side on one machine, and check the paper's claims.
+
+``dsgd-verify run --algo dsgd --topology ring --workers 16 --lr 0.1 --local-batch 16 --steps 500
+--data digits --model mlp --out runs/x`` (also ``python -m verify run ...``). ``dsgd-verify check ...`` runs
+the claim checks (:mod:`verify.claims.runner`) once that module is installed. Bad input exits with status 2
+and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .algorithms import ALGORITHMS
+from .config import RunConfig
+from .models import BUILDERS
+from .stacked import EXECUTIONS
+
+DESCRIPTION = """\
+Simulate m workers as one stacked computation. Updates (g_j = gradient of worker j's local mini-batch loss):
+  dsgd      w_j <- sum_k P_jk w_k - lr g_j(w_j)       (AWC, the paper's form: gradient at the un-mixed w_j)
+  dsgd-atc  w_j <- sum_k P_jk (w_k - lr g_k(w_k))     (ATC; with --topology complete it equals csgd)
+  csgd      w <- w - lr mean_j g_j(w)                 (one model, batch m*b; Tr Xi = 0)
+  sam       w <- w - lr mean_j g_j(w + rho g_j/|g_j|) (worst-case SAM, per-worker ascent)
+  avgsam    w <- w - lr mean_j g_j(w + eps_j), eps_j ~ N(0, sigma^2 I) (average-direction SAM)
+  local-sgd w_j <- w_j - lr g_j(w_j), then w_j <- mean_k w_k every --local-steps steps
+Logged: Tr Xi = (1/m) sum_j |w_j - w_a|^2 (this paper's consensus distance; its square root is Kong et al.'s),
+Tr(H Xi) = (1/m) sum_j d_j^T H(w_a) d_j, drift |mean_j grad L(w_j) - grad L(w_a)|, loss/accuracy of w_a and of
+the workers' softmax ensemble (NLL, 15-bin ECE)."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _json_obj(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return obj
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "all", "0") else int(text)
+
+
+# (flag, RunConfig field, type, help); defaults come from RunConfig
+RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--algo", "algo", str, f"algorithm: {', '.join(ALGORITHMS)} (updates above)"),
+    ("--topology", "topology", str,
+     "ring, grid, torus, exponential, complete, star, disconnected, random_matching, or a .npy/.csv P"),
+    ("--shuffle", "shuffle", str, "time-varying P: fixed, random (P(t) = Pi_t^T P Pi_t), two-sided,"
+     " matching"),
+    ("--mix-method", "mix_method", str, "gossip product: auto, dense (P @ W), sparse (CSR),"
+     " roll (circulant P)"),
+    ("--workers", "workers", int, "m, the number of simulated workers"),
+    ("--lr", "lr", float, "base learning rate lr"),
+    ("--local-batch", "local_batch", int, "b, samples per worker and step (total batch m*b)"),
+    ("--steps", "steps", int, "number of updates"),
+    ("--momentum", "momentum", float, "heavy-ball momentum mu, local buffers"
+     " v_j <- mu v_j + g_j (never mixed)"),
+    ("--weight-decay", "weight_decay", float, "L2 weight decay wd: g_j <- g_j + wd w_j"),
+    ("--warmup", "warmup", int, "warm-up steps: lr * max(0.1, t/warmup) for t < warmup"),
+    ("--milestones", "milestones", _int_list, "comma-separated steps where lr is multiplied by 0.1"),
+    ("--dtype", "dtype", str, "float32 or float64"),
+    ("--device", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N"),
+    ("--seed", "seed", int, "seed of the shards, batches, noise and initialisation"),
+    ("--data", "data", str, "digits, synthetic:N, cifar10:DIR, fashion-mnist:DIR,"
+     " FILE.pt/.npz, MODULE:CALLABLE"),
+    ("--samples", "samples", _opt_int, "use a seeded subset of this many training points"),
+    ("--test-samples", "test_samples", _opt_int, "use a seeded subset of this many test points"),
+    ("--alpha", "alpha", float, "Dirichlet(alpha) label-skewed shards instead of i.i.d. ones"),
+    ("--model", "model", str, f"{', '.join(BUILDERS)} or MODULE:CALLABLE"),
+    ("--model-kwargs", "model_kwargs", _json_obj, 'JSON keyword arguments of the model,'
+     ' e.g. \'{"hidden": [64]}\''),
+    ("--init", "init", str, "same (every worker starts equal) or independent"
+     " (worker j: its own seeded init)"),
+    ("--closed-form", "closed_form", _json_obj,
+     'closed-form loss instead of data+model, e.g. \'{"loss": "quadratic", "h": [1, 2], "noise_std": 1}\''),
+    ("--log-every", "log_every", int, "log metrics every N steps (0: first and last only)"),
+    ("--eval-samples", "eval_samples", _opt_int, "evaluate train loss/acc on a seeded subset of this size"),
+    ("--hess-every", "hess_every", int, "Tr(H Xi) every N steps, m HVPs (0: never)"),
+    ("--hess-samples", "hess_samples", _opt_int, "HVPs on a fixed seeded subset of the training set"),
+    ("--drift-every", "drift_every", int, "drift every N steps, m+1 full gradients (0: never)"),
+    ("--sharpness-every", "sharpness_every", int, "Tr H (Hutchinson) and lambda_max (Lanczos) every N steps"),
+    ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps (always at the end)"),
+    ("--execution", "execution", str, f"{', '.join(EXECUTIONS)}: how the m local gradients are computed"),
+    ("--rho", "rho", float, "SAM radius rho"),
+    ("--sigma", "sigma", float, "avgsam perturbation scale sigma"),
+    ("--local-steps", "local_steps", int, "local-sgd: H local steps between exact averagings"),
+]  # fmt: skip
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = RunConfig()
+    for flag, name, typ, text in RUN_OPTIONS:
+        p.add_argument(
+            flag, dest=name, type=typ, default=None, help=f"{text} (default {getattr(defaults, name)!r})"
+        )
+    p.add_argument(
+        "--no-ensemble",
+        dest="ensemble",
+        action="store_false",
+        default=None,
+        help="skip the worker-ensemble metrics (m forward passes over the test set per log)",
+    )
+    p.add_argument(
+        "--mix-buffers",
+        dest="mix_buffers",
+        action="store_true",
+        default=None,
+        help="gossip BatchNorm running statistics too (default: local, w_a takes worker 0's)",
+    )
+    p.add_argument("--out", required=False, help="run directory (config.json, metrics.csv, ckpt.pt, avg.pt)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        help="continue RUN (or --out) from its checkpoint; the result equals an uninterrupted run",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the run files already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig: ``base`` (defaults, or a resumed run's saved config) overridden by the options given."""
+    cfg = dataclasses.replace(base) if base is not None else RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            setattr(cfg, f.name, v)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine import run
+    from .rundir import read_config
+
+    out = args.resume if isinstance(args.resume, str) else args.out
+    if out is None:
+        raise ValueError("give --out DIR (or --resume RUN)")
+    base = RunConfig.from_dict(read_config(Path(out))["config"]) if args.resume else None
+    cfg = config_from_args(args, base)
+    res = run(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
+    last = res.metrics[-1] if res.metrics else {}
+    tl = last.get("train_loss", math.nan)
+    status = f"diverged at step {res.diverged_at}" if res.diverged else f"done: {res.state.step} steps"
+    print(f"{status}; train_loss={tl:.6g}, Tr Xi={last.get('consensus_distance', math.nan):.6g}, "
+          f"test_acc={last.get('test_acc', math.nan):.4g}; run in {out}")  # fmt: skip
+    return 1 if res.diverged else 0
+
+
+def build_parser(with_check: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsgd-verify", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("run", help="train with one algorithm, log measurements", description=DESCRIPTION,
+                       formatter_class=raw)  # fmt: skip
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+    c = sub.add_parser("check", help="run the claim checks of the paper (verify.claims)")
+    runner = _claims_runner() if with_check else None
+    if runner is not None:
+        runner.add_arguments(c)
+        c.set_defaults(func=runner.main)
+    else:
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+        c.set_defaults(func=_no_claims)
+    try:
+        c.add_argument("--debug", action="store_true", help="show tracebacks")
+    except argparse.ArgumentError:  # the claims runner defines it already
+        pass
+    return parser
+
+
+def _claims_runner() -> Any:
+    try:
+        from .claims import runner  # written by the claims helper
+    except ImportError:
+        return None
+    return runner if hasattr(runner, "add_arguments") and hasattr(runner, "main") else None
+
+
+def _no_claims(args: argparse.Namespace) -> int:
+    raise ValueError("the claim checks are not installed here (verify.claims.runner is missing)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_check="check" in argv[:1])
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dsgd-verify: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"dsgd-verify: error: {text}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

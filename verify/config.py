@@ -1,0 +1,192 @@
+"""``RunConfig``: every setting of one verify run, JSON round-trippable; and the problem it describes.
+
+A run is either a neural network on a data set (``data`` + ``model`` + ``model_kwargs``) or a closed-form loss
+(``closed_form``: ``{"loss": "quadratic", "h": [...]}`` for ``L = 1/2 sum_i h_i w_i^2``, or ``{"loss":
+"MODULE:CALLABLE", "kwargs": {...}}`` for any importable loss object, plus ``w0``, ``noise_std``,
+``init_spread``). In memory, :func:`verify.engine.run` also accepts a ready :class:`~verify.problems.Problem`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .algorithms import ALGORITHMS
+from .models import BUILDERS
+from .problems import STREAM_INIT, ClosedFormProblem, ModelProblem, Problem, generator
+from .stacked import EXECUTIONS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ConfigError(ValueError):
+    """A bad run setting; the message is one line naming the problem."""
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run (see ``dsgd-verify run --help`` for one line on each)."""
+
+    algo: str = "dsgd"
+    topology: str | list = "ring"
+    shuffle: str | None = None
+    mix_method: str = "auto"
+    workers: int = 16
+    lr: float = 0.1
+    local_batch: int = 16
+    steps: int = 500
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    warmup: int = 0
+    milestones: list[int] = field(default_factory=list)
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    data: str = "digits"
+    samples: int | None = None
+    test_samples: int | None = None
+    alpha: float | None = None
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str = "same"
+    closed_form: dict[str, Any] | None = None
+    log_every: int = 50
+    eval_samples: int | None = None
+    hess_every: int = 0
+    hess_samples: int | None = None
+    drift_every: int = 0
+    ensemble: bool = True
+    sharpness_every: int = 0
+    ckpt_every: int = 0
+    execution: str = "auto"
+    mix_buffers: bool = False
+    rho: float = 0.05
+    sigma: float = 0.0
+    local_steps: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown run setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> RunConfig:
+        """Check every setting; raise :class:`ConfigError` with one line naming the first bad one."""
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
+        for name in ("workers", "local_batch", "local_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in (
+            "steps",
+            "warmup",
+            "log_every",
+            "hess_every",
+            "drift_every",
+            "sharpness_every",
+            "ckpt_every",
+        ):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay", "rho", "sigma"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0; got {v}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be < 1; got {self.momentum}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be float32 or float64; got {self.dtype!r}")
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; got {self.execution!r}")
+        if self.init not in ("same", "independent"):
+            raise ConfigError(f"init must be 'same' or 'independent'; got {self.init!r}")
+        if self.closed_form is None and self.model not in BUILDERS and ":" not in self.model:
+            raise ConfigError(
+                f"unknown model {self.model!r}; choose from {', '.join(BUILDERS)} or MODULE:CALLABLE"
+            )
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"Dirichlet alpha must be > 0; got {self.alpha}")
+        return self
+
+
+def _infer_kwargs(
+    name: str, x_shape: tuple[int, ...], num_classes: int | None, kwargs: dict[str, Any]
+) -> dict:
+    """Fill in the input size and the number of classes from the data unless given."""
+    out = dict(kwargs)
+    if num_classes is not None and name in ("mlp", "small_cnn", "cnn", "resnet18_micro"):
+        out.setdefault("num_classes", int(num_classes))
+    if name == "mlp":
+        out.setdefault("in_features", int(math.prod(x_shape)))
+    elif name in ("small_cnn", "cnn", "resnet18_micro"):
+        if len(x_shape) != 3:
+            raise ConfigError(
+                f"model {name} needs image inputs (C, H, W); the data has inputs of shape {x_shape}"
+            )
+        out.setdefault("in_channels", int(x_shape[0]))
+        if name != "resnet18_micro":
+            out.setdefault("image", int(x_shape[1]))
+    return out
+
+
+def _builder(name: str) -> tuple[Any, str]:
+    if name in BUILDERS:
+        fn = BUILDERS[name]
+        return fn, f"verify.models:{fn.__name__}"
+    from sharpness.importing import import_callable
+
+    return import_callable(name, what="model", error=ConfigError), name
+
+
+def _closed_form_loss(spec: dict[str, Any]) -> Any:
+    loss = spec.get("loss", "quadratic")
+    if loss == "quadratic":
+        h = torch.as_tensor(spec["h"], dtype=torch.float64)
+        return lambda w: 0.5 * (h.to(w) * w * w).sum(-1)
+    from sharpness.importing import import_callable
+
+    return import_callable(loss, what="closed-form loss", error=ConfigError)(**spec.get("kwargs", {}))
+
+
+def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -> Problem:
+    """The :class:`Problem` a config describes. Cost: loading the data and building one model."""
+    m, b = int(config.workers), int(config.local_batch)
+    if config.closed_form is not None:
+        spec = dict(config.closed_form)
+        L = _closed_form_loss(spec)
+        d = len(spec["h"]) if "h" in spec else int(spec.get("d", getattr(L, "d", 0)))
+        w0 = torch.as_tensor(spec.get("w0", [0.0] * d), dtype=torch.float64)
+        return ClosedFormProblem(
+            L, w0, m=m, local_batch=b, noise_std=spec.get("noise_std", 0.0), seed=config.seed,
+            init_spread=spec.get("init_spread", 0.0), device=device, dtype=dtype,
+        )  # fmt: skip
+    from sharpness.data import load_dataset
+
+    train = load_dataset(config.data, split="train", samples=config.samples, seed=config.seed)
+    try:
+        test = load_dataset(config.data, split="test", samples=config.test_samples, seed=config.seed)
+    except ValueError:
+        test = None
+    fn, arch = _builder(config.model)
+    kwargs = _infer_kwargs(config.model, tuple(train.x.shape[1:]), train.num_classes, config.model_kwargs)
+    build = functools.partial(fn, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(
+            int(torch.randint(2**62, (1,), generator=generator(config.seed, STREAM_INIT, 2**20)))
+        )
+        model = build()
+    loss_fn = torch.nn.functional.cross_entropy if train.num_classes else torch.nn.functional.mse_loss
+    return ModelProblem(
+        model, train, test, m=m, local_batch=b, seed=config.seed, alpha=config.alpha, loss_fn=loss_fn,
+        device=device, dtype=dtype, init=config.init, builder=build, arch=arch, arch_kwargs=kwargs,
+    )  # fmt: skip

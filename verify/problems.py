@@ -1,0 +1,428 @@
+"""What the workers train: a :class:`Problem` = initial parameters, a pure per-worker loss and a stateless
+batch stream.
+
+A problem holds everything the engine needs and nothing about the algorithm:
+
+- ``params`` (the initial single model, a dict) and ``buffers`` (BatchNorm running statistics, may be empty);
+- ``loss(params, buffers, batch) -> scalar``: worker j's training loss on one local batch. It is pure except
+  that BatchNorm (train mode) updates the running statistics in the ``buffers`` tensors it is given, as in the
+  paper's code; it is ``vmap``-able when the model has no BatchNorm (``stateful`` is False);
+- ``batch(j, t)``: worker j's local batch at step t, a function of ``(seed, j, t)`` alone, so the same seed
+  gives the same samples for the same worker and step whatever the algorithm (runs are comparable pair by
+  pair) and a resumed run sees exactly the batches an uninterrupted one would; ``batches(t)`` stacks the m of
+  them;
+- ``full_loss``/``full_gradient``/``functional``/``evaluate``/``logits``: the full training loss of ONE model
+  and its test metrics, for the measurements.
+
+Two families: :class:`ModelProblem` (an ``nn.Module`` and a data set split into worker shards) and
+:class:`ClosedFormProblem` (a closed-form ``L(w)`` with additive Gaussian gradient noise, for the claim
+checks).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from sharpness.functional import FunctionalLoss, Params, flatten, training_flags, unflatten
+
+from .models import has_batchnorm
+
+Batch = tuple[Tensor, ...]
+
+#: Independent random streams derived from the run seed.
+STREAM_BATCH, STREAM_NOISE, STREAM_PERTURB, STREAM_INIT = 0, 1, 2, 3
+
+
+class ProblemError(ValueError):
+    """A bad problem setting; the message is one line naming the problem."""
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by ``numpy.random.SeedSequence(keys)``: a pure function of the integer keys."""
+    if any(int(k) < 0 for k in keys):
+        raise ProblemError(f"seeds and stream keys must be nonnegative integers; got {keys}")
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
+class Problem:
+    """Base class; see the module docstring. Subclasses set the attributes below in ``__init__``."""
+
+    params: Params
+    buffers: Params
+    m: int
+    local_batch: int
+    seed: int
+    stateful: bool = False
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def loss(self, params: Params, buffers: Params, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def batch(self, j: int, t: int) -> Batch:
+        raise NotImplementedError
+
+    def batches(self, t: int) -> Batch:
+        """The m local batches of step t stacked on a leading worker axis (default: stack ``batch(j, t)``)."""
+        parts = [self.batch(j, t) for j in range(self.m)]
+        return tuple(torch.stack([p[i] for p in parts]) for i in range(len(parts[0])))
+
+    def init_stacked(self) -> tuple[Tensor, Params]:
+        """Initial ``(W, buffers)``: W (m, d) flat worker parameters, buffers stacked (m, ...). Default: all
+        equal."""
+        W = flatten(self.params).detach().unsqueeze(0).repeat(self.m, 1)
+        return W, {k: v.unsqueeze(0).repeat(self.m, *([1] * v.dim())) for k, v in self.buffers.items()}
+
+    def unflatten(self, w: Tensor) -> Params:
+        """A flat vector (d,) or block (..., d) as a parameter dict (views, no copy)."""
+        return unflatten(w, self.params)
+
+    def functional(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> FunctionalLoss:
+        raise NotImplementedError
+
+    def full_loss(self, w: Tensor, buffers: Params | None = None) -> float:
+        """``L(w)``: the full training loss of one model (eval mode). Cost: one pass over the training set."""
+        with torch.no_grad():
+            fl = self.functional(w, buffers)
+            return float(fl.loss(fl.params))
+
+    def full_gradient(self, w: Tensor, buffers: Params | None = None) -> Tensor:
+        """Flat ``grad L(w)`` of the full training loss. Cost: one gradient over the training data."""
+        fl = self.functional(w, buffers)
+        p = {k: v.detach().requires_grad_(True) for k, v in fl.params.items()}
+        with torch.enable_grad():
+            g = torch.autograd.grad(fl.loss(p), list(p.values()))
+        return torch.cat([x.reshape(-1) for x in g])
+
+    def evaluate(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+    def analytic_grads(self, W: Tensor, batches: Batch) -> tuple[Tensor, Tensor] | None:
+        """``(G, losses)`` of all m workers in closed form, or None when the problem has none."""
+        return None
+
+    def logits(
+        self, w: Tensor, buffers: Params | None = None, split: str = "test", samples: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(logits, targets)`` of one model on a split, or None when the problem has no classifier."""
+        return None
+
+
+# --------------------------------------------------------------------------- neural networks on data
+def _shards(dataset: Any, m: int, seed: int, alpha: float | None) -> list[Tensor]:
+    from sharpness.data import Dataset, shards
+
+    if not isinstance(dataset, Dataset):
+        x, y = _xy(dataset)
+        dataset = Dataset(x, y, None if y.is_floating_point() else int(y.max()) + 1, "data")
+    return [torch.as_tensor(s, dtype=torch.long) for s in shards(dataset, m, seed=seed, alpha=alpha)]
+
+
+def _xy(dataset: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(dataset, (tuple, list)):
+        return dataset[0], dataset[1]
+    return dataset.x, dataset.y
+
+
+class ModelProblem(Problem):
+    """An ``nn.Module`` trained by m workers on disjoint shards of a data set (cross-entropy by default).
+
+    ``train``/``test``: a ``sharpness.data.Dataset`` (``.x``, ``.y``) or an ``(x, y)`` pair. Shards: i.i.d. by
+    default, Dirichlet(alpha) label skew with ``alpha``. Worker j's batch at step t: epoch e = t // (n_j //
+    b), position t % (n_j // b) of a permutation of its shard drawn from ``(seed, j, e)`` (incomplete last
+    batch dropped). ``init``: ``"same"`` (every worker starts from ``model``) or ``"independent"`` (worker j
+    starts from ``builder()`` run under a seed drawn from ``(seed, j)``, as the paper's code with
+    ``--pretrained 0``). ``arch``/``arch_kwargs`` ("MODULE:CALLABLE" rebuilding the model): recorded in the
+    saved average model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Any,
+        test: Any = None,
+        *,
+        m: int,
+        local_batch: int,
+        seed: int = 0,
+        alpha: float | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+        init: str = "same",
+        builder: Callable[[], nn.Module] | None = None,
+        eval_batch: int = 2048,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if m < 1 or local_batch < 1:
+            raise ProblemError(f"workers and local batch must be >= 1; got m={m}, b={local_batch}")
+        if init not in ("same", "independent") or (init == "independent" and builder is None):
+            raise ProblemError("init must be 'same', or 'independent' together with a builder")
+        self.m, self.local_batch, self.seed = int(m), int(local_batch), int(seed)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype)
+        self.loss_fn, self.init, self.builder, self.eval_batch = loss_fn, init, builder, int(eval_batch)
+        self.arch, self.arch_kwargs = arch, dict(arch_kwargs or {})
+        self.stateful = has_batchnorm(self.model)
+        self.params = {k: v.detach() for k, v in self.model.named_parameters()}
+        self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+        self.buffer_names = set(self.buffers)
+        x, y = _xy(train)
+        self.x = x.to(device=self.device, dtype=dtype if x.is_floating_point() else x.dtype)
+        self.y = y.to(self.device)
+        self.test = None
+        if test is not None:
+            tx, ty = _xy(test)
+            self.test = (
+                tx.to(device=self.device, dtype=dtype if tx.is_floating_point() else tx.dtype),
+                ty.to(self.device),
+            )
+        self.shards = [s.to(self.device) for s in _shards(train, self.m, self.seed, alpha)]
+        small = [j for j, s in enumerate(self.shards) if s.numel() < self.local_batch]
+        if small:
+            j = small[0]
+            raise ProblemError(
+                f"worker {j}'s shard has {self.shards[j].numel()} samples, fewer than the local batch "
+                f"{local_batch}"
+            )
+        self._perm: dict[int, tuple[int, Tensor]] = {}
+        self.classify = self.y.dim() == 1 and not self.y.is_floating_point()
+
+    def _forward(self, params: Params, buffers: Params, x: Tensor, train: bool) -> Tensor:
+        with training_flags(self.model, train):
+            return functional_call(self.model, {**buffers, **params}, (x,))
+
+    def loss(self, params: Params, buffers: Params, batch: Batch) -> Tensor:
+        """``loss_fn(f(params; x), y)`` in train mode (BatchNorm: batch statistics, running stats updated in
+        place)."""
+        x, y = batch
+        return self.loss_fn(self._forward(params, buffers, x, True), y)
+
+    def indices(self, j: int, t: int) -> Tensor:
+        """Sample indices of worker j's batch at step t (a pure function of ``(seed, j, t)``)."""
+        shard = self.shards[j]
+        per_epoch = shard.numel() // self.local_batch
+        epoch, pos = divmod(int(t), per_epoch)
+        cached = self._perm.get(j)
+        if cached is None or cached[0] != epoch:
+            perm = torch.randperm(shard.numel(), generator=generator(self.seed, STREAM_BATCH, j, epoch))
+            cached = (epoch, shard[perm.to(shard.device)])
+            self._perm[j] = cached
+        return cached[1][pos * self.local_batch : (pos + 1) * self.local_batch]
+
+    def batch(self, j: int, t: int) -> Batch:
+        idx = self.indices(j, t)
+        return self.x[idx], self.y[idx]
+
+    def batches(self, t: int) -> Batch:
+        idx = torch.stack([self.indices(j, t) for j in range(self.m)])
+        return self.x[idx], self.y[idx]
+
+    def init_stacked(self) -> tuple[Tensor, Params]:
+        if self.init == "same":
+            return super().init_stacked()
+        rows, bufs = [], []
+        for j in range(self.m):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(
+                    int(torch.randint(2**62, (1,), generator=generator(self.seed, STREAM_INIT, j)))
+                )
+                mod = self.builder().to(device=self.device, dtype=self.dtype)  # type: ignore[misc]
+            rows.append(flatten({k: v.detach() for k, v in mod.named_parameters()}))
+            bufs.append({k: v.detach() for k, v in mod.named_buffers()})
+        return torch.stack(rows), {k: torch.stack([b[k] for b in bufs]) for k in self.buffers}
+
+    def _split(self, split: str, samples: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        if split == "train":
+            x, y = self.x, self.y
+        elif self.test is not None:
+            x, y = self.test
+        else:
+            return []
+        if samples is not None and samples < x.shape[0]:
+            keep = torch.randperm(x.shape[0], generator=generator(self.seed, 7))[:samples].to(x.device)
+            x, y = x[keep], y[keep]
+        return [
+            (x[i : i + self.eval_batch], y[i : i + self.eval_batch])
+            for i in range(0, x.shape[0], self.eval_batch)
+        ]
+
+    def functional(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> FunctionalLoss:
+        """The full training loss ``L(w) = sum_b n_b loss_b / n`` in eval mode (BatchNorm: the given running
+        statistics, default the initial ones) as a :class:`FunctionalLoss` at ``w``; ``samples``: a fixed
+        seeded subset of the training set instead. Cost of building: nothing (no forward pass)."""
+        bufs = self.buffers if buffers is None else buffers
+        data = self._split("train", samples)
+        total = float(sum(x.shape[0] for x, _ in data))
+
+        def term(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
+            return lambda p: self.loss_fn(self._forward(p, bufs, x, False), y)
+
+        terms = [term(x, y) for x, y in data]
+        weights = [x.shape[0] / total for x, _ in data]
+        loss = lambda p: sum(wt * f(p) for wt, f in zip(weights, terms, strict=True))
+        return FunctionalLoss(
+            loss=loss, params=self.unflatten(w.detach()), batch_losses=terms, weights=weights
+        )
+
+    def logits(
+        self, w: Tensor, buffers: Params | None = None, split: str = "test", samples: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """Eval-mode outputs of one model on a split (or a fixed seeded subset). Cost: one forward pass over
+        it."""
+        data = self._split(split, samples)
+        if not data:
+            return None
+        p, bufs = self.unflatten(w.detach()), self.buffers if buffers is None else buffers
+        with torch.no_grad():
+            out = torch.cat([self._forward(p, bufs, x, False) for x, _ in data])
+        return out, torch.cat([y for _, y in data])
+
+    def evaluate(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> dict[str, float]:
+        """``{train,test}_{loss,acc}`` of one model (eval mode; ``samples``: a fixed seeded subset of the
+        training set for the train metrics). Cost: one forward pass over both splits."""
+        out: dict[str, float] = {}
+        for split in ("train", "test"):
+            res = self.logits(w, buffers, split, samples if split == "train" else None)
+            if res is None:
+                continue
+            z, y = res
+            out[f"{split}_loss"] = float(self.loss_fn(z, y))
+            if self.classify:
+                out[f"{split}_acc"] = float((z.argmax(1) == y).double().mean())
+        return out
+
+
+# --------------------------------------------------------------------------- closed-form losses
+class ClosedFormProblem(Problem):
+    """A closed-form ``L(w)`` on one flat parameter ``"w"`` (d,) with additive Gaussian gradient noise.
+
+    Worker j's batch at step t is a noise vector ``xi_j(t) ~ N(0, diag(noise_std^2) / b)`` and its loss is
+    ``L(w) + xi . w``, so its gradient is ``grad L(w) + xi``. The noise of steps ``[256 c, 256 (c+1))`` is one
+    ``(256, m, d)`` standard-normal block drawn from ``(seed, c)``: a pure function of ``(seed, t)`` (row j is
+    worker j's), the same for every algorithm at the same m. ``L``: any torch-differentiable callable ``L(w:
+    (d,)) -> scalar`` (e.g. the objects of :mod:`verify.losses`). ``w0``: (d,) start of every worker, or (m,
+    d) per-worker starts; ``init_spread`` s adds centred ``s * N(0, I)`` deviations (mean kept at w0).
+    """
+
+    CHUNK = 256
+
+    def __init__(
+        self,
+        L: Callable[[Tensor], Tensor],
+        w0: Tensor,
+        *,
+        m: int,
+        local_batch: int = 1,
+        noise_std: float | Tensor = 0.0,
+        seed: int = 0,
+        init_spread: float = 0.0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        if m < 1 or local_batch < 1:
+            raise ProblemError(f"workers and local batch must be >= 1; got m={m}, b={local_batch}")
+        self.L, self.m, self.local_batch, self.seed = L, int(m), int(local_batch), int(seed)
+        self.device, self.dtype = torch.device(device), dtype
+        w0 = torch.as_tensor(w0, dtype=dtype, device=self.device)
+        if w0.dim() == 2 and w0.shape[0] != self.m:
+            raise ProblemError(f"w0 has {w0.shape[0]} rows but there are {self.m} workers")
+        if w0.dim() not in (1, 2):
+            raise ProblemError(f"w0 must be (d,) or (m, d); got shape {tuple(w0.shape)}")
+        self.w0_rows = w0 if w0.dim() == 2 else None
+        self.params = {"w": (w0.mean(0) if w0.dim() == 2 else w0).clone()}
+        self.buffers = {}
+        d = self.params["w"].numel()
+        std = torch.as_tensor(noise_std, dtype=dtype, device=self.device)
+        if std.dim() > 1 or (std.dim() == 1 and std.numel() != d) or bool((std < 0).any()):
+            raise ProblemError(f"noise_std must be a nonnegative scalar or a ({d},) vector")
+        self.scale = std / math.sqrt(self.local_batch)
+        self.init_spread = float(init_spread)
+        self._chunk: tuple[int, Tensor] | None = None
+
+    def loss(self, params: Params, buffers: Params, batch: Batch) -> Tensor:
+        """``L(w) + xi . w`` (gradient ``grad L(w) + xi``)."""
+        w = params["w"]
+        return self.L(w) + (batch[0] * w).sum()
+
+    def _noise(self, t: int) -> Tensor:
+        c, r = divmod(int(t), self.CHUNK)
+        if self._chunk is None or self._chunk[0] != c:
+            z = torch.randn(
+                self.CHUNK,
+                self.m,
+                self.num_params,
+                generator=generator(self.seed, STREAM_NOISE, c),
+                dtype=torch.float64,
+            )
+            self._chunk = (c, z.to(device=self.device, dtype=self.dtype) * self.scale)
+        return self._chunk[1][r]
+
+    def batch(self, j: int, t: int) -> Batch:
+        return (self._noise(t)[j],)
+
+    def batches(self, t: int) -> Batch:
+        return (self._noise(t),)
+
+    def init_stacked(self) -> tuple[Tensor, Params]:
+        W = (
+            self.w0_rows.clone()
+            if self.w0_rows is not None
+            else self.params["w"].unsqueeze(0).repeat(self.m, 1)
+        )
+        if self.init_spread > 0:
+            Z = torch.randn(
+                self.m, self.num_params, generator=generator(self.seed, STREAM_INIT), dtype=torch.float64
+            )
+            W = W + self.init_spread * (Z - Z.mean(0)).to(W)
+        return W, {}
+
+    def functional(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> FunctionalLoss:
+        """``L`` itself (noise-free) as a :class:`FunctionalLoss` at ``w``."""
+        return FunctionalLoss(loss=lambda p: self.L(p["w"]), params={"w": w.detach().reshape(-1)})
+
+    def evaluate(
+        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
+    ) -> dict[str, float]:
+        """``{"train_loss": L(w)}``. Cost: one evaluation of L."""
+        return {"train_loss": self.full_loss(w)}
+
+    def analytic_grads(self, W: Tensor, batches: Batch) -> tuple[Tensor, Tensor] | None:
+        """When ``L`` has a ``grad`` method that accepts a batch (m, d) of points: ``G = L.grad(W) + Xi`` and
+        ``losses = L(W) + sum(Xi * W, -1)``, with no autograd. Cost: one batched evaluation of L and its
+        gradient."""
+        g = getattr(self.L, "grad", None)
+        if g is None:
+            return None
+        with torch.no_grad():
+            G = g(W)
+            vals = self.L(W)
+        if not isinstance(G, Tensor) or G.shape != W.shape or vals.shape != W.shape[:1]:
+            return None
+        xi = batches[0]
+        return G.to(W) + xi, (vals.to(W) + (xi * W).sum(-1))

@@ -1,0 +1,125 @@
+"""The run directory: ``config.json``, ``metrics.csv``, ``ckpt.pt``, ``avg.pt`` and ``result.json``.
+
+- ``config.json``: ``{"config": RunConfig.to_dict(), "run": {resolved device, dtype, execution, m, d,
+  versions}}``.
+- ``metrics.csv``: header written once; one row appended and flushed per log; a resumed run first drops the
+  rows logged after its checkpoint, so the file ends as an uninterrupted run's would.
+- ``ckpt.pt`` (atomic): all workers stacked (``W`` (m, d)), BatchNorm buffers, momentum, RNG states, step.
+- ``avg.pt`` (atomic): the average model in the toolkit's self-describing format
+  (:func:`sharpness.checkpoint.save_checkpoint`), so ``sharpness RUN/avg.pt`` needs no ``--arch``.
+- ``result.json`` (atomic): ``diverged``, ``diverged_at``, the last metrics row, wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharpness.results import atomic_torch_save, atomic_write_text, write_json
+
+from .algorithms import State
+
+CKPT_FORMAT = "dsgd-verify-ckpt/1"
+FILES = ("config.json", "metrics.csv", "ckpt.pt", "avg.pt", "result.json")
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be written or resumed; the message is one line."""
+
+
+def write_config(out: Path, config: dict[str, Any], run: dict[str, Any]) -> None:
+    write_json(out / "config.json", {"config": config, "run": run})
+
+
+def read_config(out: Path) -> dict[str, Any]:
+    path = out / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"{out} holds no config.json: not a run directory")
+    return json.loads(path.read_text())
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.csv`` (columns fixed at creation; missing values are empty cells)."""
+
+    def __init__(self, path: Path, columns: list[str], keep_until: int | None = None) -> None:
+        self.path, self.columns = path, list(columns)
+        if keep_until is not None and path.is_file():
+            with path.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.columns = list(reader.fieldnames or columns)
+                rows = [r for r in reader if int(r["step"]) <= keep_until]
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(path, buf.getvalue())
+        else:
+            atomic_write_text(path, ",".join(self.columns) + "\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        cells = {k: ("" if row.get(k) is None else row[k]) for k in self.columns}
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, lineterminator="\n").writerow(cells)
+            fh.flush()
+
+
+def read_metrics(out: Path) -> list[dict[str, float | None]]:
+    """``metrics.csv`` as a list of dicts of floats (empty cells -> None)."""
+    with (Path(out) / "metrics.csv").open(newline="") as fh:
+        return [
+            {k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(fh)
+        ]
+
+
+def save_ckpt(out: Path, state: State, execution: str, config: dict[str, Any]) -> None:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    payload = {
+        "format": CKPT_FORMAT, "step": state.step, "W": state.W.detach().cpu(),
+        "buffers": {k: v.detach().cpu() for k, v in state.buffers.items()},
+        "momentum": None if state.momentum is None else state.momentum.detach().cpu(),
+        "execution": execution, "rng": rng, "config": config,
+    }  # fmt: skip
+    atomic_torch_save(payload, out / "ckpt.pt")
+
+
+def load_ckpt(out: Path, device: torch.device) -> tuple[State, str]:
+    path = out / "ckpt.pt"
+    if not path.is_file():
+        raise RunDirError(f"{out} holds no checkpoint (ckpt.pt) to resume from")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise RunDirError(f"{path} is not a verify run checkpoint ({CKPT_FORMAT})")
+    torch.set_rng_state(obj["rng"]["torch"])
+    if "cuda" in obj["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(obj["rng"]["cuda"])
+    mom = obj["momentum"]
+    state = State(
+        obj["W"].to(device), {k: v.to(device) for k, v in obj["buffers"].items()},
+        None if mom is None else mom.to(device), int(obj["step"]),
+    )  # fmt: skip
+    return state, str(obj["execution"])
+
+
+def save_average(
+    out: Path, problem: Any, w_a: torch.Tensor, buffers: dict[str, torch.Tensor], extra: dict
+) -> bool:
+    """Write ``avg.pt`` for a neural problem with a known ``arch``; returns whether it was written."""
+    arch = getattr(problem, "arch", None)
+    model = getattr(problem, "model", None)
+    if arch is None or model is None:
+        return False
+    from sharpness.checkpoint import save_checkpoint
+
+    clone = copy.deepcopy(model)
+    state = {**clone.state_dict(), **buffers, **problem.unflatten(w_a.detach())}
+    clone.load_state_dict({k: v.detach() for k, v in state.items()})
+    save_checkpoint(out / "avg.pt", clone, arch=arch, arch_kwargs=problem.arch_kwargs, extra=extra)
+    return True
