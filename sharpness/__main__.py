@@ -1,0 +1,6 @@
+"""``python -m sharpness ...`` is the ``sharpness`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The ``sharpness`` command line: its options and the ``--help`` text (metrics, formats, data specs).
+
+Option errors exit with status 2 and one line on stderr, like every other input error of the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from . import __version__
+from .report import METRICS
+
+EPILOG = """\
+metrics (--metrics a,b,...; default: all but 'layers', leaving out eigs/density when their Lanczos basis
+would not fit in a quarter of the memory; H is the Hessian of the loss at the checkpoint; an HVP (exact
+Hessian-vector product) costs about 2-3 gradients):
+{metrics}
+
+checkpoint formats (detected from the file):
+  toolkit       saved by this toolkit (sharpness.checkpoint.save_checkpoint, e.g. by --demo); records its
+                architecture, so no --arch is needed
+  state_dict    torch.save(model.state_dict()), also nested under 'state_dict'/'model', with the 'module.'
+                prefix of DataParallel/DDP removed; needs --arch
+  .safetensors  safetensors weights (pip install safetensors); needs --arch
+  TorchScript   torch.jit.save archive; no --arch needed
+  pickle        a whole nn.Module saved with torch.save(model): only with --trust-pickle, because
+                unpickling RUNS CODE FROM THE FILE. Everything else loads with weights_only=True.
+
+data specs (--data; --samples N takes a seeded subset):
+  digits                 embedded UCI handwritten digits, 8x8, 10 classes (CC BY 4.0); fixed 80/20 split
+  synthetic:N            N seeded Gaussian points labelled by a random tanh teacher (20 features, 10 classes;
+                         options :d=.., :classes=.., :seed=..)
+  FILE.pt | FILE.npz     inputs and targets under keys x/y, inputs/targets or data/labels (no split)
+  cifar10:DIR            CIFAR-10 python batches (data_batch_1..5, test_batch), read with a restricted
+                         unpickler that accepts only arrays
+  fashion-mnist:DIR      the idx files (train-/t10k-images/labels-idx?-ubyte[.gz]), e.g. from the Debian
+                         package dataset-fashion-mnist
+  MODULE:CALLABLE        a function returning a Dataset, an (x, y) pair or (x, y) batches
+
+errors exit with status 2 and one line; --debug shows the traceback.
+example: sharpness --demo            (trains a small MLP on the digits for a few seconds, then reports)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, status 2
+        self.exit(2, f"sharpness: error: {message} (see sharpness --help)\n")
+
+
+def _floats(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; ``--help`` explains every metric, checkpoint format and data spec."""
+    width = max(len(m) for m in METRICS)
+    metrics = "\n".join(f"  {m:<{width}}  {text}" for m, text in METRICS.items())
+    p = _Parser(
+        prog="sharpness",
+        description="Sharpness report of a saved PyTorch model: loss and accuracy, Hessian trace, top\n"
+        "eigenvalues, spectral density, average-direction and worst-case SAM losses, with standard errors.\n"
+        "Exact Hessian-vector products (autograd), never finite differences.",
+        epilog=EPILOG.format(metrics=metrics),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a(
+        "checkpoint",
+        nargs="?",
+        metavar="CHECKPOINT",
+        help="model file (formats below); with --demo: where to save",
+    )
+    a(
+        "--arch",
+        metavar="MODULE:CALLABLE",
+        help="function building the model for a state_dict/safetensors file",
+    )
+    a(
+        "--arch-kwargs",
+        metavar="JSON",
+        help="keyword arguments for --arch as a JSON object, e.g. '{\"width\": 64}'",
+    )
+    a("--data", default="digits", metavar="SPEC", help="data spec (below); default: digits")
+    a(
+        "--split",
+        default="test",
+        choices=["test", "train", "all"],
+        help="which split of the data (default test)",
+    )
+    a(
+        "--loss",
+        default="ce",
+        choices=["ce", "mse"],
+        help="ce: cross-entropy; mse: squared error, mean over "
+        "samples and outputs, labels one-hot (default ce)",
+    )
+    a("--metrics", metavar="LIST", help=f"comma-separated subset of {','.join(METRICS)} or 'all'")
+    a("--samples", type=_positive, metavar="N", help="seeded random subset of N points (default: all)")
+    a("--batch-size", type=_positive, default=512, metavar="B", help="points per forward pass (default 512)")
+    a(
+        "--train-mode",
+        action="store_true",
+        help="measure with BatchNorm batch statistics and dropout on "
+        "(default: eval mode, running statistics); stated in the output",
+    )
+    a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
+    a("--seed", type=int, default=0, help="seed of every random probe, direction and subset (default 0)")
+    a(
+        "--out",
+        metavar="FILE.json",
+        help="write every value, stderr, setting, version and device as JSON (atomically)",
+    )
+    a(
+        "--plot",
+        metavar="DIR",
+        help="write PNGs: spectral density, 1-D and 2-D loss landscapes around the "
+        "checkpoint along filter-normalised random directions (Li et al. 2018)",
+    )
+    a(
+        "--plot-eigen",
+        action="store_true",
+        help="with --plot: also draw the landscape along the top Hessian "
+        "eigenvectors (scaled to the random direction's norm)",
+    )
+    a("--per-layer", action="store_true", help="add the 'layers' metric: Tr H_ll of each layer")
+    a(
+        "--sigmas",
+        type=_floats,
+        nargs="+",
+        default=[0.01, 0.03],
+        metavar="SIGMA",
+        help="noise scales of the average-direction SAM loss (default 0.01 0.03)",
+    )
+    a(
+        "--rhos",
+        type=_floats,
+        nargs="+",
+        default=[0.05],
+        metavar="RHO",
+        help="radii of the worst-case SAM sharpness (default 0.05)",
+    )
+    a("--top-k", type=_positive, default=5, metavar="K", help="number of top eigenvalues (default 5)")
+    a(
+        "--probes",
+        type=_positive,
+        default=100,
+        metavar="N",
+        help="Hutchinson probes of the traces and noise draws of the avg-SAM loss (default 100)",
+    )
+    a(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a whole pickled nn.Module: this RUNS CODE from the file; use it only for files you trust",
+    )
+    a("--no-progress", action="store_true", help="no progress bars on stderr")
+    a("--debug", action="store_true", help="show the full traceback of an error")
+    a(
+        "--demo",
+        action="store_true",
+        help="train the demo MLP on the digits for a few seconds, save it "
+        "(default runs/demo/model.pt), then report on the test split",
+    )
+    a("--version", action="version", version=f"sharpness {__version__}")
+    return p

@@ -1,0 +1,248 @@
+"""The ``sharpness`` command: the sharpness report of a saved checkpoint (also ``python -m sharpness``).
+
+``main(argv)`` returns the exit status: 0 on success, 2 for bad input (one line on stderr naming the problem,
+no traceback unless ``--debug``), 1 for an unexpected internal error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import __version__
+from .arguments import build_parser
+from .functional import SharpnessInputError, make_loss, resolve_device
+from .report import ReportSettings
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sharpness``; returns the exit status (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SharpnessInputError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"sharpness: error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sharpness: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"sharpness: internal error: {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for "
+            "the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SharpnessInputError(
+            f"--arch-kwargs is not valid JSON: {exc.msg} at character {exc.pos}"
+        ) from exc
+    if not isinstance(value, dict):
+        raise SharpnessInputError(f"--arch-kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, check, measure, print; then plots and JSON if asked. Raises on bad input."""
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .evaluate import loss_at
+    from .inputs import accuracy, check_finite_loss, check_fit, loss_function
+    from .report import parse_metrics, run_report, select_metrics
+    from .table import format_table, report_json
+
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    if args.demo:
+        from .demo import DEFAULT_DEMO_PATH, train_demo
+
+        if args.arch or args.arch_kwargs:
+            raise SharpnessInputError("--demo builds its own model: leave out --arch/--arch-kwargs")
+        _, saved, info = train_demo(args.checkpoint or DEFAULT_DEMO_PATH, seed=args.seed)
+        print(
+            f"demo: trained a tanh MLP on {info['n_train']} digits ({info['epochs']} epochs, {info['steps']} "
+            f"SGD steps, {info['train_seconds']} s): train loss {info['train_loss']:.4g}, train accuracy "
+            f"{100 * info['train_accuracy']:.2f} %; saved {saved}\n"
+        )
+        args.checkpoint = str(saved)
+    if not args.checkpoint:
+        raise SharpnessInputError("no CHECKPOINT given (or use --demo); see sharpness --help")
+    requested = parse_metrics(args.metrics, args.per_layer)
+    model, info = load_model(
+        args.checkpoint,
+        arch=args.arch,
+        arch_kwargs=_arch_kwargs(args.arch_kwargs),
+        trust_pickle=args.trust_pickle,
+        device=device,
+    )
+    first = next(iter(model.parameters()), None)
+    if first is None or not any(p.requires_grad for p in model.parameters()):
+        raise SharpnessInputError(f"the model in {args.checkpoint} has no trainable parameters")
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    data = load_dataset(args.data, split=args.split, samples=args.samples, seed=args.seed).to(device, dtype)
+    outputs = check_fit(
+        model, data.x, data.y, args.loss, name=f"data {args.data}", train_mode=args.train_mode
+    )
+    loss_fn = loss_function(args.loss, outputs)
+    batches = data.batches(args.batch_size)
+    fl = make_loss(model, loss_fn, batches, train_mode=args.train_mode, check=False)
+    check_finite_loss(loss_at(fl, fl.flat_params()), f"checkpoint {args.checkpoint}")
+    del fl
+    chosen, skipped = select_metrics(
+        requested, info["num_params"], first.element_size(), device, args.per_layer
+    )
+    settings = ReportSettings(
+        probes=args.probes,
+        top_k=args.top_k,
+        sigmas=list(args.sigmas),
+        rhos=list(args.rhos),
+        seed=args.seed,
+        train_mode=args.train_mode,
+    )
+    rep = run_report(
+        model,
+        loss_fn,
+        batches,
+        chosen,
+        settings,
+        progress=not args.no_progress,
+        keep_vectors=args.plot_eigen,
+        accuracy=lambda: accuracy(model, batches, train_mode=args.train_mode),
+    )
+    rep.skipped.update(skipped)
+    header = _header(args, info, data, device)
+    print(format_table(header, rep), flush=True)
+    plots: dict[str, Any] = {}
+    if args.plot:
+        from .plots import report_plots
+
+        plots = report_plots(
+            model,
+            loss_fn,
+            batches,
+            rep,
+            args.plot,
+            seed=args.seed,
+            train_mode=args.train_mode,
+            eigen=args.plot_eigen,
+            progress=not args.no_progress,
+        )
+        print(f"\nplots: {', '.join(str(p) for p in plots['files'])}")
+    if args.out:
+        from .results import write_json
+
+        doc = {
+            "tool": "sharpness",
+            "version": __version__,
+            "command": ["sharpness", *sys.argv[1:]],
+            "checkpoint": {k: v for k, v in info.items() if k != "extra"} | {"extra": info.get("extra")},
+            "data": {
+                "spec": args.data,
+                "name": data.name,
+                "split": args.split,
+                "n_samples": len(data),
+                "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes,
+                "batch_size": args.batch_size,
+                "meta": data.meta,
+            },
+            "loss": args.loss,
+            "bn_mode": "train" if args.train_mode else "eval",
+            "seed": args.seed,
+            "settings": {
+                **vars(settings),
+                "metrics": chosen,
+                "per_layer": args.per_layer,
+                "device": str(device),
+                "dtype": str(dtype),
+            },
+            "environment": environment(device),
+            **report_json(rep),
+            "landscape": plots.get("results"),
+            "plots": [str(p) for p in plots.get("files", [])],
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
+        path = write_json(args.out, doc)
+        print(f"{'' if args.plot else chr(10)}wrote {path}")
+    return 0
+
+
+def _header(
+    args: argparse.Namespace, info: dict[str, Any], data: Any, device: torch.device
+) -> list[tuple[str, str]]:
+    arch = f", arch {info['arch']}" if info.get("arch") else ""
+    sub = data.meta.get("subset")
+    subset = f" (seeded subset of {sub['requested']}, seed {sub['seed']})" if sub else ""
+    classes = f", {data.num_classes} classes" if data.num_classes else ""
+    split = "" if str(data.meta.get("split", "")).startswith("file") else f", {args.split} split"
+    mode = (
+        "train: BatchNorm uses batch statistics, dropout on"
+        if args.train_mode
+        else "eval: BatchNorm uses running statistics, dropout off"
+    )
+    return [
+        (
+            "checkpoint",
+            f"{info['path']} ({info['format']}{arch}, {info['num_params']:,} parameters, {info['dtype']})",
+        ),
+        (
+            "data",
+            f"{data.name}{split}: {len(data)} samples{subset}, inputs {tuple(data.input_shape)}{classes}; "
+            f"batch size {args.batch_size}",
+        ),
+        (
+            "loss",
+            f"{args.loss} ({'cross-entropy' if args.loss == 'ce' else 'squared error'}, mean over samples)",
+        ),
+        ("mode", mode),
+        ("device", f"{device}; seed {args.seed}"),
+    ]
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions of everything that shapes the numbers, and the device."""
+    import matplotlib
+    import numpy
+    import scipy
+    import tqdm
+
+    env = {
+        "sharpness": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "tqdm": tqdm.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
