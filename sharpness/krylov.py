@@ -22,7 +22,9 @@ class Lanczos:
 
     ``absorb(H @ current)`` advances one step (one HVP), so several runs can share a ``matmat``. On breakdown
     (``beta <= 100 eps ||H||``: an invariant subspace) the run restarts on a random vector orthogonal to the
-    basis drawn from ``generator`` (``beta`` recorded as 0), or stops if ``generator`` is None.
+    basis drawn from ``generator`` (``beta`` recorded as 0), or stops if ``generator`` is None. Any
+    ``beta <= sqrt(eps) ||H||`` (the space may be exhausted up to rounding; it happens when ``H`` has repeated
+    eigenvalues) starts a new *block* at ``block_start``: the vectors after it explore the rest of the space.
     Memory: ``m + 1`` vectors of length ``d``, allocated as the run grows.
     """
 
@@ -34,6 +36,7 @@ class Lanczos:
         self.beta: list[float] = []
         self.anorm = 0.0
         self.done = False
+        self.block_start = 0
         self._Q = v0.new_empty((min(self.max_steps + 1, 32), self.d))
         self._Q[0] = v0.reshape(-1) / v0.norm()
 
@@ -75,13 +78,16 @@ class Lanczos:
             self.beta.append(b if j + 1 < self.d else 0.0)
             self.done = True
             return
-        if b <= 100 * torch.finfo(q.dtype).eps * self.anorm:
+        eps = torch.finfo(q.dtype).eps
+        if b <= eps**0.5 * self.anorm:
+            self.block_start = j + 1
+        if b <= 100 * eps * self.anorm:
             w = None
             if self.gen is not None:
                 z = gaussian(self.gen, self.d, q.dtype, q.device)
                 size = float(z.norm())
                 z = self._orth(z, self._Q[: j + 1])
-                w = z / z.norm() if z.norm() > 1e3 * torch.finfo(q.dtype).eps * size else None
+                w = z / z.norm() if z.norm() > 1e3 * eps * size else None
             self.beta.append(0.0)
             if w is None:
                 self.done = True
@@ -95,12 +101,12 @@ class Lanczos:
             self._Q = grown
         self._Q[j + 1] = w
 
-    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def ritz(self, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), eigenvectors ``S`` of ``T_m`` (columns), and the bounds
         ``|beta_m S[m-1, i]| = ||H y_i - theta_i y_i||`` for the Ritz vectors ``y_i = Q_m s_i`` (by the Krylov
-        relation, exact up to rounding)."""
-        a = np.asarray(self.alpha, dtype=np.float64)
-        theta, S = scipy.linalg.eigh_tridiagonal(a, np.asarray(self.beta[:-1], dtype=np.float64))
+        relation, exact up to rounding). ``start``: use only the trailing block ``T[start:, start:]``."""
+        a = np.asarray(self.alpha[start:], dtype=np.float64)
+        theta, S = scipy.linalg.eigh_tridiagonal(a, np.asarray(self.beta[start:-1], dtype=np.float64))
         return theta, S, np.abs(self.beta[-1] * S[-1, :])
 
     def vectors(self, S: np.ndarray) -> Tensor:

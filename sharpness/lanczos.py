@@ -66,6 +66,13 @@ def _lanczos_top(op: Any, k: int, tol: float, which: str, max_iter: int, gen: to
             idx = _select(theta, k, which)
             floor = 10 * eps * np.abs(theta).max()
             converged = bool(np.all(bounds[idx] <= np.maximum(tol * np.abs(theta[idx]), floor)))
+            if converged and lz.block_start > 0 and not lz.done:
+                # a new block explores the rest of the space: its own extreme Ritz value must settle too
+                converged = lz.block_start < lz.m
+                if converged:
+                    tb, _, bb = lz.ritz(start=lz.block_start)
+                    e = int(np.argmax(tb) if which == "LA" else np.argmin(tb))
+                    converged = bool(bb[e] <= max(tol * abs(tb[e]), floor))
             if converged or lz.done:
                 return theta[idx], lz.vectors(S[:, idx]), bounds[idx], converged, lz.m
         elif lz.done:  # only when max_iter < k, which the caller refuses
