@@ -21,7 +21,15 @@ from torch import Tensor, nn
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError
 from .krylov import Lanczos
-from .operators import apply_blocks, gaussian, rademacher, release, resolve_operator, scipy_view
+from .operators import (
+    apply_blocks,
+    gaussian,
+    rademacher,
+    recorded_mode,
+    release,
+    resolve_operator,
+    scipy_view,
+)
 from .results import Result, jsonable
 
 
@@ -156,7 +164,7 @@ def top_eigenvalues(
         release(op, created)
     settings = dict(
         k=int(k), tol=float(tol), which=which, backend=backend, max_iter=max_iter,
-        true_residuals=true_residuals, params=params, train_mode=train_mode,
+        true_residuals=true_residuals, params=params, train_mode=recorded_mode(model, train_mode),
         device=None if device is None else str(device),
     )  # fmt: skip
     return EigenResult(
@@ -259,7 +267,7 @@ def spectral_density(
     density /= sigma * np.sqrt(2 * np.pi)
     settings = dict(
         n_vectors=int(n_vectors), n_steps=int(n_steps), n_grid=int(grid.size), sigma=float(sigma),
-        batch=int(batch), params=params, train_mode=train_mode,
+        batch=int(batch), params=params, train_mode=recorded_mode(model, train_mode),
         device=None if device is None else str(device),
     )  # fmt: skip
     return DensityResult(

@@ -118,8 +118,9 @@ def resolve_operator(
     """The operator to measure, and whether it was built here (so the caller may free its cached graphs).
 
     A model builds a :class:`HessianOperator` (one forward pass per batch). A ready operator or
-    :class:`FunctionalLoss` already fixes the parameters, mode and device: ``params=``, ``train_mode=`` and
-    ``device=`` must then agree with it or be left at their defaults.
+    :class:`FunctionalLoss` already fixes the parameters, mode and device: ``params=`` must then be None,
+    ``device=`` None or the operator's device, and ``train_mode=True`` is accepted only from an operator whose
+    ``train_mode`` is True (see :func:`recorded_mode`).
     """
     ready = is_operator(model) or isinstance(model, FunctionalLoss)
     if not ready:
@@ -137,14 +138,28 @@ def resolve_operator(
         raise SharpnessInputError(
             f"params= applies only to a model; this {kind} already fixes its parameters"
         )
-    if bool(getattr(model, "train_mode", False)) != bool(train_mode):
-        raise SharpnessInputError(f"train_mode={train_mode} disagrees with the given {kind}")
+    if train_mode and not getattr(model, "train_mode", False):
+        raise SharpnessInputError(
+            f"train_mode=True applies only to a model (or a HessianOperator built in train mode), "
+            f"not to this {kind}"
+        )
     op = model if is_operator(model) else HessianOperator(model)
     if device is not None and str(device) != "auto" and not _same_device(device, op.device):
         raise SharpnessInputError(
             f"device={device} disagrees with the given {kind}, which lives on {op.device}"
         )
     return op, isinstance(model, FunctionalLoss)
+
+
+def recorded_mode(model: Any, train_mode: bool) -> bool | None:
+    """The train/eval mode to record: the argument for a model, the operator's own ``train_mode`` for an
+    operator, ``None`` for a :class:`FunctionalLoss` (which fixed its mode when it was made)."""
+    if isinstance(model, nn.Module):
+        return bool(train_mode)
+    if isinstance(model, FunctionalLoss):
+        return None
+    own = getattr(model, "train_mode", None)
+    return None if own is None else bool(own)
 
 
 def rademacher(gen: torch.Generator, d: int, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError
-from .operators import apply_blocks, rademacher, release, resolve_operator
+from .operators import apply_blocks, rademacher, recorded_mode, release, resolve_operator
 from .results import Result
 
 #: Stopping on ``rtol`` never happens before this many Hutchinson probes.
@@ -139,7 +139,7 @@ def hessian_trace(
         release(op, created)
     settings = dict(
         n_probes=int(n_probes), method=method, rtol=rtol, batch=int(batch), params=params,
-        device=None if device is None else str(device), train_mode=train_mode,
+        device=None if device is None else str(device), train_mode=recorded_mode(model, train_mode),
     )  # fmt: skip
     return TraceResult(
         value=value,

@@ -119,6 +119,16 @@ def test_operator_forms_agree_and_settings_recorded() -> None:
     d = json.loads(json.dumps(a.to_dict()))
     assert d["settings"]["device"] == "cpu" and d["seed"] == 4 and d["settings"]["n_probes"] == 20
     assert sub.settings["params"] == ["0"] and a.settings["train_mode"] is False
+    assert b.settings["train_mode"] is None  # a FunctionalLoss fixed its own mode
+    net_bn, bn_data = bn_cnn()
+    op_train = HessianOperator(net_bn, F.cross_entropy, bn_data, train_mode=True)
+    t = hessian_trace(op_train, n_probes=10, seed=4)
+    assert t.settings["train_mode"] is True
+    assert t.value == pytest.approx(
+        hessian_trace(net_bn, F.cross_entropy, bn_data, n_probes=10, seed=4, train_mode=True).value, rel=1e-12
+    )
+    with pytest.raises(SharpnessInputError, match="train_mode=True"):
+        hessian_trace(make_loss(net, F.cross_entropy, data), n_probes=10, train_mode=True)
 
 
 def test_input_errors() -> None:
