@@ -151,8 +151,9 @@ def _builder(name: str) -> tuple[Any, str]:
 def _closed_form_loss(spec: dict[str, Any]) -> Any:
     loss = spec.get("loss", "quadratic")
     if loss == "quadratic":
-        h = torch.as_tensor(spec["h"], dtype=torch.float64)
-        return lambda w: 0.5 * (h.to(w) * w * w).sum(-1)
+        from .losses import QuadraticLoss  # 1/2 sum_i h_i w_i^2 with a closed-form batched gradient
+
+        return QuadraticLoss(spec["h"])
     from sharpness.importing import import_callable
 
     return import_callable(loss, what="closed-form loss", error=ConfigError)(**spec.get("kwargs", {}))

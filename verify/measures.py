@@ -27,8 +27,10 @@ from .problems import Problem
 
 
 def deviations(W: Tensor) -> Tensor:
-    """``D = W - 1 w_a^T`` (m, d): row j is ``d_j = w_j - w_a``. Cost: O(m d)."""
-    return W - W.mean(0, keepdim=True)
+    """``D = W - 1 w_a^T`` (m, d): row j is ``d_j = w_j - w_a``, computed as ``V - mean(V)`` with
+    ``V = W - w_1`` (equal in exact arithmetic; exactly 0 when all rows are equal). Cost: O(m d)."""
+    V = W - W[:1]
+    return V - V.mean(0, keepdim=True)
 
 
 def consensus_distance(W: Tensor) -> float:
@@ -127,21 +129,19 @@ def sharpness_at(
     lmax: bool = True,
     samples: int | None = None,
     seed: int = 0,
+    probes: int = 100,
 ) -> dict[str, Any]:
     """``Tr H`` (Hutchinson, ``sharpness.trace.hessian_trace``) and ``lambda_max`` (Lanczos,
-    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: the HVPs those routines report.
+    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: ``probes`` HVPs + Lanczos.
     """
     fl = problem.functional(w_a, buffers, samples)
     out: dict[str, Any] = {}
     if trace:
         from sharpness.trace import hessian_trace
 
-        res = hessian_trace(fl, seed=seed)
-        out["trace_h"] = float(getattr(res, "trace", getattr(res, "value", float("nan"))))
+        out["trace_h"] = float(hessian_trace(fl, n_probes=probes, seed=seed).value)
     if lmax:
         from sharpness.lanczos import top_eigenvalues
 
-        res = top_eigenvalues(fl, k=1, seed=seed)
-        vals = getattr(res, "eigenvalues", res)
-        out["lambda_max"] = float(vals[0])
+        out["lambda_max"] = float(top_eigenvalues(fl, k=1, seed=seed).values[0])
     return out
