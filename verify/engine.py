@@ -38,13 +38,13 @@ from .algorithms import CENTRALISED, GOSSIP, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problems import Problem
 from .rundir import (
-    FILES,
     MetricsWriter,
     load_ckpt,
-    read_config,
+    prepare_out,
     read_metrics,
     save_average,
     save_ckpt,
+    versions,
     write_config,
 )  # fmt: skip
 from .stacked import choose_execution, local_grads
@@ -181,21 +181,6 @@ class _Runner:
         return row
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, config: RunConfig) -> None:
-    if resume:
-        saved = read_config(out)["config"]
-        for k, v in config.to_dict().items():
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v:
-                raise ConfigError(f"cannot resume {out}: setting {k!r} was {saved.get(k)!r}, now {v!r}")
-        return
-    used = [f for f in FILES if (out / f).exists()]
-    if used and not overwrite:
-        raise ConfigError(f"{out} already holds a run ({used[0]}); resume it or choose another output folder")
-    for f in used:
-        (out / f).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def run(
     config: RunConfig,
     out: str | Path | None = None,
@@ -228,7 +213,7 @@ def run(
     config.device, config.dtype = str(problem.device), str(problem.dtype).replace("torch.", "")
     outp = Path(out) if out is not None else None
     if outp is not None:
-        _prepare_out(outp, resume, overwrite, config)
+        prepare_out(outp, resume, overwrite, config.to_dict(), RESUMABLE_CHANGES)
     runner = _Runner(config, problem, outp, callback, perturbation)
     t_start = time.perf_counter()
     if resume:
@@ -254,7 +239,7 @@ def run(
             "problem": type(problem).__name__,
             "device": str(problem.device),
             "dtype": config.dtype,
-            "versions": _versions(),
+            "versions": versions(),
             "source": source,
         }
         write_config(outp, config.to_dict(), info)
@@ -309,15 +294,6 @@ def run(
     if outp is not None:
         _finish(outp, result)
     return result
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-
-    import sharpness
-
-    return {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
-            "dsgd_sam": getattr(sharpness, "__version__", "?")}  # fmt: skip
 
 
 def _finish(out: Path, res: RunResult) -> None:

@@ -33,6 +33,35 @@ class RunDirError(ValueError):
     """A run directory that cannot be written or resumed; the message is one line."""
 
 
+def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any], may_change: tuple) -> None:
+    """Check a run directory before a run: a resumed run must keep every setting but ``may_change``; a new run
+    refuses a folder that already holds run files unless ``overwrite`` (then they are removed)."""
+    if resume:
+        saved = read_config(out)["config"]
+        for k, v in config.items():
+            if k not in may_change and saved.get(k) != v:
+                raise RunDirError(f"cannot resume {out}: setting {k!r} was {saved.get(k)!r}, now {v!r}")
+        return
+    used = [f for f in FILES if (out / f).exists()]
+    if used and not overwrite:
+        raise RunDirError(f"{out} already holds a run ({used[0]}); resume it or choose another output folder")
+    for f in used:
+        (out / f).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in ``config.json``."""
+    import sys
+
+    import numpy
+
+    import sharpness
+
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
+            "dsgd_sam": getattr(sharpness, "__version__", "?")}  # fmt: skip
+
+
 def write_config(out: Path, config: dict[str, Any], run: dict[str, Any]) -> None:
     write_json(out / "config.json", {"config": config, "run": run})
 

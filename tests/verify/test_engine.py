@@ -11,10 +11,11 @@ import torch
 from sharpness.checkpoint import load_model
 from sharpness.data import load_dataset
 from verify.cli import main
-from verify.config import ConfigError, RunConfig
+from verify.config import RunConfig
 from verify.engine import average_buffers, run
 from verify.models import small_cnn
 from verify.problems import ClosedFormProblem, ModelProblem
+from verify.rundir import RunDirError
 
 BASE = dict(workers=4, local_batch=8, lr=0.2, dtype="float64", device="cpu", data="digits", model="mlp",
             model_kwargs={"hidden": [12]}, ensemble=False)  # fmt: skip
@@ -111,9 +112,9 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_resume_refuses_changed_settings(tmp_path):
     run(cfg(steps=2, log_every=0), tmp_path / "r", progress=False)
-    with pytest.raises(ConfigError, match="'lr'"):
+    with pytest.raises(RunDirError, match="'lr'"):
         run(cfg(steps=4, lr=0.3), tmp_path / "r", resume=True, progress=False)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         run(cfg(steps=2), tmp_path / "r", progress=False)
 
 
