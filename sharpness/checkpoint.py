@@ -116,7 +116,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
         return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if not found and "weights only" not in str(exc).lower():
+        garbage = "unsupported operand" in str(exc).lower()  # not a pickle stream at all
+        if garbage or (not found and "weights only" not in str(exc).lower()):
             raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {_line(exc)}") from exc
         if not trust_pickle:
             name = found.group(1) if found else "an object that is not a tensor"
