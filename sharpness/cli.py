@@ -28,7 +28,9 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sharpness``; returns the exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return run(args)
     except (SharpnessInputError, OSError) as exc:
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         doc = {
             "tool": "sharpness",
             "version": __version__,
-            "command": ["sharpness", *sys.argv[1:]],
+            "command": ["sharpness", *args.argv],
             "checkpoint": {k: v for k, v in info.items() if k != "extra"} | {"extra": info.get("extra")},
             "data": {
                 "spec": args.data,
