@@ -95,6 +95,9 @@ def run_taylor(
     rows = [taylor_measures(f, theta, Zc, s) for s in ctx.progress(s_grid, desc="s grid")]
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     drift, resid = loglog_fit(s_grid, cols["drift"]), loglog_fit(s_grid, cols["residual"])
+    half = len(s_grid) // 2  # lower half of the grid: the asymptotic regime, reported (not asserted)
+    drift_low = loglog_fit(s_grid[:half], cols["drift"][:half])
+    resid_low = loglog_fit(s_grid[:half], cols["residual"][:half])
     mid = s_grid[len(s_grid) // 2] * Zc
     T_half = 0.5 * third_contractions(f, theta, mid).mean(0)
     clairaut = 0.5 * clairaut_gradient(f, theta, mid)
@@ -112,7 +115,10 @@ def run_taylor(
             **extra,
             **drift.as_dict("drift_"),
             **resid.as_dict("residual_"),
+            "drift_slope_lower_half": drift_low.slope,
+            "residual_slope_lower_half": resid_low.slope,
             "residual_over_drift_at_smallest_s": cols["residual"][0] / cols["drift"][0],
+            "residual_over_drift_at_largest_s": cols["residual"][-1] / cols["drift"][-1],
             "clairaut_relative_error": clairaut_err,
         },
         criterion_holds=holds,
