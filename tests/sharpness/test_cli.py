@@ -504,7 +504,7 @@ def rows(out: str) -> dict[str, tuple[str, str]]:
 
 def test_demo_report_agrees_with_the_python_api(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = cli(["--demo", "--out", "demo.json", "--no-progress"], capsys)
+    rc, out, err = cli(["--demo", "--out", "demo.json", "--no-progress", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert out.startswith("demo: trained a tanh MLP") and (tmp_path / "runs/demo/model.pt").is_file()
     doc = json.loads((tmp_path / "demo.json").read_text())
