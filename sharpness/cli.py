@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -31,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    threads = torch.get_num_threads()
     try:
         return run(args)
+    except BrokenPipeError:  # `sharpness ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+        return 0
     except (SharpnessInputError, OSError) as exc:
         if args.debug:
             raise
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        torch.set_num_threads(threads)  # --demo lowers it; leave a calling process as it was
 
 
 def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -82,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.arch or args.arch_kwargs:
             raise SharpnessInputError("--demo builds its own model: leave out --arch/--arch-kwargs")
+        # The demo MLP is tiny: one thread is fastest, and far faster than several on a busy machine.
+        torch.set_num_threads(1)
         _, saved, info = train_demo(args.checkpoint or DEFAULT_DEMO_PATH, seed=args.seed)
         print(
             f"demo: trained a tanh MLP on {info['n_train']} digits ({info['epochs']} epochs, {info['steps']} "
