@@ -207,3 +207,37 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, text):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and text in err[0] and "Traceback" not in err[0]
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    """Kill part-way (after the checkpoint at 4, with rows logged at 6): resume drops the rows after the
+    checkpoint and ends equal to an uninterrupted run."""
+    c = cfg(steps=12, log_every=2, ckpt_every=4, algo="dsgd", topology="exponential", shuffle="random")
+    full = run(c, tmp_path / "full", progress=False)
+
+    def kill(step, state):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "killed", progress=False, on_step=kill)
+    assert [r["step"] for r in rows(tmp_path / "killed" / "metrics.csv")] == ["0", "2", "4", "6"]
+    assert torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=False)["step"] == 4
+    res = run(c, tmp_path / "killed", resume=True, progress=False)
+    assert torch.equal(res.state.W, full.state.W)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+    assert strip(rows(tmp_path / "killed" / "metrics.csv")) == strip(rows(tmp_path / "full" / "metrics.csv"))
+    assert [r["step"] for r in res.metrics] == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_callback_columns_and_frozen_state():
+    seen = []
+
+    def cb(step, state, problem):
+        seen.append((step, state.W.clone()))
+        return {"w_norm": float(state.W.norm())}
+
+    res = run(cfg(steps=4, log_every=2), progress=False, callback=cb)
+    assert [s for s, _ in seen] == [0, 2, 4]
+    assert res.column("w_norm") == [float(W.norm()) for _, W in seen]
+    assert torch.equal(seen[-1][1], res.state.W)
