@@ -1,0 +1,131 @@
+"""The engine's metrics row, computed with collectives: every rank holds one worker ``w_j``, nothing (m, d) is
+formed except on rank 0 for checkpoints.
+
+With ``w_a = (1/m) sum_j w_j`` (one ``all_reduce`` of the d-vectors) and ``d_j = w_j - w_a``:
+
+- ``consensus_distance`` ``Tr Xi = (1/m) sum_j ||d_j||^2``: one ``all_reduce`` of the scalars ``||d_j||^2``;
+- ``trace_h_xi`` ``Tr(H(w_a) Xi) = (1/m) sum_j d_j^T H(w_a) d_j``: rank j computes its term with ONE HVP
+  (:func:`verify.measures.trace_h_xi` on the single row d_j, i.e. ``sharpness.hvp.HessianOperator`` at w_a),
+  then one scalar ``all_reduce``; the m HVPs run in parallel;
+- ``drift`` ``||(1/m) sum_j grad L(w_j) - grad L(w_a)||``: rank j's full gradient, one ``all_reduce``,
+  plus grad L(w_a) on rank 0;
+- ensemble metrics: rank j's softmax on the test split, one ``all_reduce`` of (n, C) probabilities;
+- ``train/test`` loss and accuracy of w_a, ``trace_h``/``lambda_max``: rank 0, as in the simulation.
+
+The average model's BatchNorm statistics are worker 0's (broadcast from rank 0 when another rank needs
+them) or, with ``mix_buffers``, the ranks' mean of every floating-point buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sharpness.functional import Params
+
+from .. import measures
+from ..algorithms import lr_at
+from ..config import RunConfig
+from ..problems import Problem
+from .comm import Comm
+
+
+def due(s: int, every: int, steps: int) -> bool:
+    """Whether a measurement taken every ``every`` steps (0: never) is due at step s (always at the last)."""
+    return bool(every) and (s % every == 0 or s == steps)
+
+
+def average_buffers(comm: Comm, buffers: Params, mix_buffers: bool, everywhere: bool) -> Params:
+    """The average model's buffers (unstacked): rank 0's, or with ``mix_buffers`` the mean of the ranks'
+    floating-point buffers (integer counters: rank 0's). ``everywhere``: every rank needs them."""
+    out: Params = {}
+    for k, v in buffers.items():
+        x = v[0].clone()
+        if mix_buffers and x.is_floating_point():
+            x = comm.all_reduce(x, f"all_reduce of buffer {k}") / comm.world
+        elif everywhere:
+            x = comm.broadcast(x, f"broadcast of buffer {k}")
+        out[k] = x
+    return out
+
+
+def _prob_metrics(probs: Tensor, y: Tensor) -> tuple[float, float, float]:
+    return measures._prob_metrics(probs, y, 15)
+
+
+def _ensemble_probs(comm: Comm, problem: Problem, w: Tensor, own: Params) -> tuple[Tensor, Tensor] | None:
+    """The sum over ranks of the workers' softmax on the test split and its targets (one ``all_reduce`` of
+    (n, C) numbers), or None when the problem has no classifier. Cost: one test pass per rank."""
+    res = problem.logits(w, own, "test")
+    if res is None or not getattr(problem, "classify", False):
+        return None
+    zj, y = res
+    return comm.all_reduce(F.softmax(zj.double(), 1).contiguous(), "all_reduce of the ensemble softmax"), y
+
+
+def _ensemble_metrics(problem: Problem, probs: Tensor, y: Tensor, m: int, w_a: Tensor, avg: Params) -> dict:
+    """``ensemble_{acc,nll,ece}`` of the mean softmax and ``avg_{acc,nll,ece}`` of w_a (15-bin ECE), as
+    :func:`verify.measures.ensemble_metrics`. Cost: one test pass."""
+    z_avg, _ = problem.logits(w_a, avg, "test")  # type: ignore[misc]
+    e = measures._prob_metrics(probs / m, y, 15)
+    a = measures._prob_metrics(F.softmax(z_avg.double(), 1), y, 15)
+    keys = ("ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece")
+    return dict(zip(keys, (*e, *a), strict=True))
+
+
+def row(
+    comm: Comm,
+    problem: Problem,
+    cfg: RunConfig,
+    s: int,
+    w: Tensor,
+    buffers: Params,
+    local_loss: float | None,
+) -> dict[str, Any] | None:
+    """The metrics row at step s (the simulated engine's columns, :mod:`verify.engine`) on rank 0, None
+    elsewhere. ``w``: this rank's parameters (d,); ``buffers``: its stacked (1, ...) BatchNorm buffers;
+    ``local_loss``: its local loss of the update that led to s (None at the first row). All collectives come
+    first, then rank 0 alone evaluates w_a (the others move on). Cost: two ``all_reduce`` (d + 1 numbers,
+    1 number), plus one HVP / one full gradient / one test pass per rank when due."""
+    m, steps = comm.world, cfg.steps
+    loss = w.new_tensor([0.0 if local_loss is None else local_loss])
+    total = comm.all_reduce(torch.cat([w, loss]), "all_reduce of the parameters")
+    w_a = total[:-1] / m
+    d = w - w_a
+    cd = float(comm.all_reduce((d * d).sum().reshape(1), "all_reduce of |w_j - w_a|^2")[0] / m)
+    hess, drift = due(s, cfg.hess_every, steps), due(s, cfg.drift_every, steps)
+    avg = average_buffers(comm, buffers, cfg.mix_buffers, everywhere=(hess or drift) and cd != 0)
+    extra: dict[str, Any] = {}
+    if hess:
+        term = 0.0 if cd == 0 else measures.trace_h_xi(problem, w_a, d.unsqueeze(0), avg, cfg.hess_samples)
+        if cd != 0:
+            term = float(comm.all_reduce(w.new_tensor([term]), "all_reduce of d_j^T H d_j")[0] / m)
+        extra["trace_h_xi"] = term
+    g_sum = None
+    if drift and cd != 0:
+        g_sum = comm.all_reduce(
+            problem.full_gradient(w, avg).contiguous(), "all_reduce of the full gradients"
+        )
+    ens = _ensemble_probs(comm, problem, w, {k: v[0] for k, v in buffers.items()}) if cfg.ensemble else None
+    if comm.rank != 0:
+        return None
+    out: dict[str, Any] = {
+        "step": s,
+        "lr": lr_at(s, cfg.lr, cfg.warmup, cfg.milestones),
+        "batch_loss": None if local_loss is None else float(total[-1] / m),
+        "consensus_distance": cd,
+        "consensus_distance_sqrt": math.sqrt(cd),
+    }
+    out.update(problem.evaluate(w_a, avg, samples=cfg.eval_samples))
+    out.update(extra)
+    if drift:
+        out["drift"] = 0.0 if g_sum is None else float((g_sum / m - problem.full_gradient(w_a, avg)).norm())
+    if ens is not None:
+        out.update(_ensemble_metrics(problem, ens[0], ens[1], m, w_a, avg))
+    if due(s, cfg.sharpness_every, steps):
+        out.update(measures.sharpness_at(problem, w_a, avg, samples=cfg.hess_samples, seed=cfg.seed))
+    return out
