@@ -148,6 +148,10 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "launcher", "none") != "none":  # one process per worker: verify.distributed
+        from .distributed.launch import cmd_launch
+
+        return cmd_launch(args)
     from .engine import run
     from .rundir import read_config
 
@@ -173,6 +177,9 @@ def build_parser(with_check: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train with one algorithm, log measurements", description=DESCRIPTION,
                        formatter_class=raw)  # fmt: skip
     add_run_arguments(p)
+    from .distributed.launch import add_launch_arguments  # --launcher torchrun|local, --procs, --timeout
+
+    add_launch_arguments(p)
     p.set_defaults(func=cmd_run)
     c = sub.add_parser("check", help="run the claim checks of the paper (verify.claims)")
     runner = _claims_runner() if with_check else None

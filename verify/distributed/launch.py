@@ -170,7 +170,7 @@ def launch_torchrun(args: list[str], procs: int, env: dict[str, str] | None = No
 # ---------------------------------------------------------------------- dsgd-verify run --launcher
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     """``--launcher``, ``--procs`` and the distributed engine's options, for ``dsgd-verify run``."""
-    from .__main__ import add_distributed_arguments
+    from .args import add_distributed_arguments
 
     p.add_argument(
         "--launcher",
@@ -186,7 +186,7 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     """``dsgd-verify run --launcher torchrun|local --procs N ...``: write the configuration to a temporary
     ``config.json``, start the ranks on loopback with ``--config`` pointing at it, return their status."""
-    from .__main__ import config_for
+    from .args import config_for
 
     out = args.resume if isinstance(args.resume, str) else args.out
     if out is None:

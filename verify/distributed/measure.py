@@ -1,7 +1,9 @@
 """The engine's metrics row, computed with collectives: every rank holds one worker ``w_j``, nothing (m, d) is
 formed except on rank 0 for checkpoints.
 
-With ``w_a = (1/m) sum_j w_j`` (one ``all_reduce`` of the d-vectors) and ``d_j = w_j - w_a``:
+With ``w_a = (1/m) sum_j w_j`` and ``d_j = w_j - w_a``, computed as ``v_j - mean_k v_k`` with
+``v_j = w_j - w_0`` like :func:`verify.measures.deviations` (one ``broadcast`` of w_0, one ``all_reduce``
+of the 2d-vectors [w_j, v_j]):
 
 - ``consensus_distance`` ``Tr Xi = (1/m) sum_j ||d_j||^2``: one ``all_reduce`` of the scalars ``||d_j||^2``;
 - ``trace_h_xi`` ``Tr(H(w_a) Xi) = (1/m) sum_j d_j^T H(w_a) d_j``: rank j computes its term with ONE HVP
@@ -89,13 +91,15 @@ def row(
     """The metrics row at step s (the simulated engine's columns, :mod:`verify.engine`) on rank 0, None
     elsewhere. ``w``: this rank's parameters (d,); ``buffers``: its stacked (1, ...) BatchNorm buffers;
     ``local_loss``: its local loss of the update that led to s (None at the first row). All collectives come
-    first, then rank 0 alone evaluates w_a (the others move on). Cost: two ``all_reduce`` (d + 1 numbers,
-    1 number), plus one HVP / one full gradient / one test pass per rank when due."""
-    m, steps = comm.world, cfg.steps
+    first, then rank 0 alone evaluates w_a (the others move on). Cost: one ``broadcast`` of d numbers, two
+    ``all_reduce`` (2d + 1 numbers, 1 number), plus one HVP / one full gradient / one test pass per rank when
+    due."""
+    m, steps, n = comm.world, cfg.steps, w.numel()
     loss = w.new_tensor([0.0 if local_loss is None else local_loss])
-    total = comm.all_reduce(torch.cat([w, loss]), "all_reduce of the parameters")
-    w_a = total[:-1] / m
-    d = w - w_a
+    v = w - comm.broadcast(w.clone(), "broadcast of worker 0's parameters")  # as verify.measures.deviations
+    total = comm.all_reduce(torch.cat([w, v, loss]), "all_reduce of the parameters")
+    w_a = total[:n] / m
+    d = v - total[n : 2 * n] / m  # d_j = (w_j - w_0) - mean_k (w_k - w_0): exactly 0 when all rows are equal
     cd = float(comm.all_reduce((d * d).sum().reshape(1), "all_reduce of |w_j - w_a|^2")[0] / m)
     hess, drift = due(s, cfg.hess_every, steps), due(s, cfg.drift_every, steps)
     avg = average_buffers(comm, buffers, cfg.mix_buffers, everywhere=(hess or drift) and cd != 0)
