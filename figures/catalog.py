@@ -1,0 +1,75 @@
+"""The list of figures and how one is rendered: draw, save PNG + PDF, write the caption.
+
+Each figure module defines ``NAME`` (``figN_topic``), ``TITLE``, ``needs(preset) -> list[RunSpec]`` (the runs
+it reads), ``CHECKS`` (the suite checks it reads; may be empty) and ``draw(ctx) -> (Figure, Caption)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from . import style
+from .context import FigureContext
+from .presets import Preset, RunSpec
+from .sources import FiguresError
+
+MODULES = (
+    "fig1_accuracy",
+    "fig2_landscape",
+    "fig3_sharpness",
+    "fig4_consensus",
+    "fig5_equivalence",
+    "fig6_large_batch",
+    "fig7_smoothing",
+    "fig8_uncertainty",
+)
+
+
+def module(name: str) -> ModuleType:
+    """The figure module for ``fig4``, ``fig4_consensus``, ``consensus`` or ``4``."""
+    want = name.strip().lower().removesuffix(".py")
+    for mod in MODULES:
+        num, _, topic = mod.partition("_")
+        if want in (mod, num, topic, num.removeprefix("fig")):
+            return importlib.import_module(f"figures.{mod}")
+    raise FiguresError(f"unknown figure {name!r}; choose from all, {', '.join(MODULES)}")
+
+
+def all_modules() -> list[ModuleType]:
+    return [importlib.import_module(f"figures.{m}") for m in MODULES]
+
+
+def runs_needed(mods: list[ModuleType], preset: Preset) -> list[RunSpec]:
+    """The union of the runs the figures read, in the preset's order."""
+    want = {r.label for m in mods for r in m.needs(preset)}
+    return [r for r in preset.runs if r.label in want]
+
+
+def checks_needed(mods: list[ModuleType]) -> list[str]:
+    return list(dict.fromkeys(c for m in mods for c in getattr(m, "CHECKS", ())))
+
+
+@dataclass
+class Rendered:
+    """One rendered figure: its files and how long it took."""
+
+    name: str
+    png: Path
+    pdf: Path
+    caption_md: Path
+    caption_json: Path
+    seconds: float
+
+
+def render(mod: ModuleType, ctx: FigureContext) -> Rendered:
+    """Draw one figure and write ``<out>/<NAME>.png`` (150 dpi), ``.pdf``, ``.md`` and ``.json``."""
+    t0 = time.perf_counter()
+    with style.look():
+        fig, caption = mod.draw(ctx)
+    files = style.save(fig, ctx.out, mod.NAME)
+    cap = caption.write(ctx.out)
+    return Rendered(mod.NAME, files["png"], files["pdf"], cap["md"], cap["json"], time.perf_counter() - t0)

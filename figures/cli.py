@@ -1,0 +1,121 @@
+"""``dsgd-figures all|NAME... [--preset quick|fmnist|paper] [--runs DIR] [--rerun] [--out DIR]``.
+
+Draws the figures from saved run directories (``--runs``, default ``runs/figures-<preset>``) and the suite
+report (``--report``, default ``<runs>/suite``); ``--rerun`` first produces whatever is missing through
+verify's API. Writes ``<out>/<figN_topic>.png`` (150 dpi), ``.pdf``, the caption ``.md`` / ``.json`` and
+``<out>/index.md``. Exit status 1 if a figure could not be drawn (the reason is printed and put in the
+gallery), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from .catalog import MODULES, all_modules, checks_needed, module, render, runs_needed
+from .context import FigureContext
+from .gallery import write_gallery
+from .presets import PRESETS, get_preset
+from .sources import FiguresError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsgd-figures", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "figures",
+        nargs="*",
+        default=["all"],
+        metavar="all|NAME",
+        help=f"'all' or figure names ({', '.join(MODULES)}; 'fig4' or 'consensus' also work)",
+    )
+    p.add_argument("--preset", default="quick", choices=PRESETS, help="default: quick")
+    p.add_argument(
+        "--runs", default=None, metavar="DIR", help="run directories (default runs/figures-<preset>)"
+    )
+    p.add_argument("--report", default=None, metavar="DIR", help="suite report folder (default <runs>/suite)")
+    p.add_argument("--rerun", action="store_true", help="produce missing runs and suite checks first")
+    p.add_argument("--out", default="figures/out", metavar="DIR", help="output folder (default figures/out)")
+    p.add_argument("--data", default=None, metavar="DIR", help="data folder for the fmnist / paper presets")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per run (default: the preset's)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: the preset's")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list the figures and the preset's runs, then exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        preset = get_preset(args.preset, data=args.data, seeds=args.seeds)
+        names = args.figures or ["all"]
+        mods = all_modules() if "all" in names else [module(n) for n in names]
+    except FiguresError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs or f"runs/figures-{preset.name}")
+    report_dir = Path(args.report) if args.report else runs_dir / "suite"
+    device = args.device or preset.device
+    if args.list:
+        for m in mods:
+            print(f"{m.NAME}: {m.TITLE}")
+        print(f"\npreset {preset.name}: {preset.description}\nexpected time: {preset.expected_time}")
+        for r in runs_needed(mods, preset):
+            print(f"  {runs_dir / r.label}")
+        return 0
+    t0 = time.perf_counter()
+    if args.rerun:
+        try:
+            _produce(preset, mods, runs_dir, report_dir, device, not args.quiet)
+        except (FiguresError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    t_inputs = time.perf_counter() - t0
+    from sharpness.functional import resolve_device
+
+    ctx = FigureContext(preset, runs_dir, report_dir, Path(args.out), str(resolve_device(device)))
+    failures: dict[str, str] = {}
+    for m in mods:
+        try:
+            r = render(m, ctx)
+            print(f"{m.NAME}: {r.png} ({r.seconds:.1f} s)")
+        except FiguresError as exc:
+            failures[m.NAME] = str(exc)
+            print(f"{m.NAME}: NOT DRAWN: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the others
+            traceback.print_exc(file=sys.stderr)
+            failures[m.NAME] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"{m.NAME}: NOT DRAWN: {failures[m.NAME]}", file=sys.stderr)
+    total = time.perf_counter() - t0
+    header = (
+        f"Preset `{preset.name}`: {preset.description}. Runs from `{runs_dir}`, suite report from "
+        f"`{report_dir}`. Regenerate with `dsgd-figures all --preset {preset.name} --rerun`."
+    )
+    index = write_gallery(ctx.out, header, failures)
+    print(
+        f"gallery: {index}; {len(mods) - len(failures)}/{len(mods)} figures in {total:.0f} s "
+        f"(inputs {t_inputs:.0f} s, drawing {total - t_inputs:.0f} s)"
+    )
+    return 1 if failures else 0
+
+
+def _produce(preset, mods, runs_dir: Path, report_dir: Path, device: str, progress: bool) -> None:  # noqa: ANN001
+    from .produce import missing_checks, missing_runs, produce_report, produce_runs
+
+    todo = missing_runs(runs_needed(mods, preset), runs_dir)
+    if todo:
+        t = time.perf_counter()
+        produce_runs(todo, runs_dir, device, progress)
+        print(f"{len(todo)} runs in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    checks = [c for c in checks_needed(mods) if c in preset.suite_checks]
+    if checks and missing_checks(checks, report_dir):
+        t = time.perf_counter()
+        produce_report(preset, checks, report_dir, device)
+        print(f"suite checks in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

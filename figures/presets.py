@@ -1,0 +1,238 @@
+"""The three presets: which runs and which suite checks the figures read, and how big they are.
+
+Every preset trains the same design, the paper's Figure 1 (paper.md s.4.1): C-SGD and ring D-SGD at a small
+and a large total batch with the linear scaling rule (the local batch and the learning rate both grow 8x, like
+the paper's 64 -> 512 and 0.1 -> 0.8), plus grid and exponential D-SGD at the large batch; m = 16 workers,
+plain SGD without momentum or weight decay, warm-up ``max(0.1, t/warmup)`` and decays x0.1 at 2/5 and 4/5 of
+training. Seed 0 of each run also logs Tr(H Xi) and, where the preset says so, Tr H and lambda_max along
+training.
+
+- ``quick``: the embedded digits (8x8, 1437 training images), a tanh MLP (64-32-10), local batch 8 and 64, lr
+  0.1 and 0.8, 1000 steps, 3 seeds; the quick suite. Everything, runs and suite included, in well under 15
+  minutes on 2 CPU cores.
+- ``fmnist``: Fashion-MNIST from a local folder of idx files (``--data DIR``; e.g. the Debian package
+  ``dataset-fashion-mnist``), the small CNN (ReLU, width 16), local batch 8 and 64, lr 0.1 and 0.8, 1200
+  steps, 2 seeds; metrics on 2000 test / 2000 training images. Under 90 minutes on CPU (see
+  ``expected_time``).
+- ``paper``: CIFAR-10 from a local folder of the python pickles (``--data DIR``), ResNet-18 micro, local batch
+  64 and 512, lr 0.1 and 0.8, 6000 iterations, warm-up 60, decays at 2400 and 4800: the paper's settings
+  except that it trains from scratch at 32x32 (the paper: ImageNet-pretrained, images resized to 56x56) and
+  uses 1 seed like the paper. Meant for a GPU (``expected_time``); the full suite.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sources import FiguresError
+
+#: The checks of the suite the figures read (figure -> check ids).
+ALL_CHECKS = ("T1", "T1b", "T1c", "T5", "T6", "T7", "T8", "T10")
+KEYS = ("csgd", "ring", "grid", "exponential")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: its directory name ``label`` under ``--runs``, its role (``key``: csgd / ring /
+    grid / exponential; ``batch``: small / large; ``seed``) and the :class:`verify.config.RunConfig`
+    settings."""
+
+    label: str
+    key: str
+    batch: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def total_batch(self) -> int:
+        return int(self.config["workers"]) * int(self.config["local_batch"])
+
+
+@dataclass
+class Preset:
+    """A preset: its runs, the suite mode and checks, the landscape/sharpness sizes and the expected time."""
+
+    name: str
+    description: str
+    runs: list[RunSpec]
+    suite_mode: str
+    suite_checks: tuple[str, ...] = ALL_CHECKS
+    landscape: dict[str, Any] = field(default_factory=dict)
+    expected_time: str = ""
+    device: str = "auto"
+
+    def find(self, key: str, batch: str, seed: int | None = None) -> list[RunSpec]:
+        """The runs with this role (all seeds when ``seed`` is None)."""
+        return [
+            r for r in self.runs if r.key == key and r.batch == batch and (seed is None or r.seed == seed)
+        ]
+
+    def first(self, key: str, batch: str) -> RunSpec | None:
+        found = sorted(self.find(key, batch), key=lambda r: r.seed)
+        return found[0] if found else None
+
+
+def design(
+    base: dict[str, Any],
+    small: tuple[int, float],
+    large: tuple[int, float],
+    seeds: int,
+    seed0_extra: dict[str, Any],
+) -> list[RunSpec]:
+    """The runs of the figures: C-SGD and ring at both batches, grid and exponential at the large batch,
+    ``seeds`` seeds each; ``base``: RunConfig settings shared by all; ``small``/``large``: (local batch, lr);
+    ``seed0_extra``: settings added to seed 0 only (the Hessian measurements along training)."""
+    out = []
+    roles = [
+        ("csgd", "small"),
+        ("ring", "small"),
+        ("csgd", "large"),
+        ("ring", "large"),
+        ("grid", "large"),
+        ("exponential", "large"),
+    ]
+    for seed in range(seeds):
+        for key, batch in roles:
+            b, lr = small if batch == "small" else large
+            cfg = dict(
+                base,
+                algo="csgd" if key == "csgd" else "dsgd",
+                topology="ring" if key == "csgd" else key,
+                local_batch=b,
+                lr=lr,
+                seed=seed,
+            )
+            if seed == 0:
+                cfg.update(seed0_extra)
+            out.append(RunSpec(f"{key}-b{b}-s{seed}", key, batch, seed, cfg))
+    return out
+
+
+def _quick(seeds: int | None) -> Preset:
+    steps = 1000
+    base = dict(
+        workers=16,
+        steps=steps,
+        warmup=10,
+        milestones=[400, 800],
+        data="digits",
+        model="mlp",
+        model_kwargs={"hidden": [32], "activation": "tanh"},
+        dtype="float64",
+        log_every=20,
+        momentum=0.0,
+        weight_decay=0.0,
+    )
+    extra = {"hess_every": 50, "sharpness_every": 100}
+    return Preset(
+        "quick",
+        "embedded digits, tanh MLP 64-32-10, m = 16, local batch 8 / 64, lr 0.1 / 0.8, 1000 steps",
+        design(base, (8, 0.1), (64, 0.8), seeds or 3, extra),
+        suite_mode="quick",
+        landscape={
+            "grid": 21,
+            "line": 41,
+            "span": 1.0,
+            "samples": None,
+            "trace_probes": 100,
+            "lanczos_tol": 1e-4,
+        },
+        expected_time="3-5 min of runs + the quick suite's checks (1-4 min) + 1 min of figures, 2 cores",
+        device="cpu",
+    )
+
+
+def _fmnist(data: str | None, seeds: int | None) -> Preset:
+    folder = data or os.environ.get("DSGD_FMNIST") or "/usr/share/dataset-fashion-mnist"
+    base = dict(
+        workers=16,
+        steps=1200,
+        warmup=12,
+        milestones=[480, 960],
+        data=f"fashion-mnist:{folder}",
+        model="small_cnn",
+        model_kwargs={"width": 16, "activation": "relu"},
+        dtype="float32",
+        log_every=40,
+        test_samples=2000,
+        eval_samples=2000,
+        hess_samples=1024,
+    )
+    extra = {"hess_every": 200, "sharpness_every": 400}
+    return Preset(
+        "fmnist",
+        "Fashion-MNIST, small CNN, m = 16, local batch 8 / 64, lr 0.1 / 0.8, 1200 steps",
+        design(base, (8, 0.1), (64, 0.8), seeds or 2, extra),
+        suite_mode="quick",
+        landscape={
+            "grid": 21,
+            "line": 41,
+            "span": 1.0,
+            "samples": 2048,
+            "trace_probes": 50,
+            "lanczos_tol": 1e-3,
+        },
+        expected_time="estimated 60-90 minutes on 2 CPU cores (12 runs; the large-batch runs dominate)",
+    )
+
+
+def _paper(data: str | None, seeds: int | None) -> Preset:
+    folder = data or os.environ.get("DSGD_CIFAR10") or "data/cifar-10-batches-py"
+    base = dict(
+        workers=16,
+        steps=6000,
+        warmup=60,
+        milestones=[2400, 4800],
+        data=f"cifar10:{folder}",
+        model="resnet18_micro",
+        dtype="float32",
+        log_every=50,
+        eval_samples=10000,
+        hess_samples=2048,
+        momentum=0.0,
+        weight_decay=0.0,
+    )
+    extra = {"hess_every": 300, "sharpness_every": 600}
+    return Preset(
+        "paper",
+        "CIFAR-10, ResNet-18 micro, m = 16, local batch 64 / 512, lr 0.1 / 0.8, 6000 iterations",
+        design(base, (64, 0.1), (512, 0.8), seeds or 1, extra),
+        suite_mode="full",
+        landscape={
+            "grid": 25,
+            "line": 51,
+            "span": 1.0,
+            "samples": 2048,
+            "trace_probes": 50,
+            "lanczos_tol": 1e-3,
+        },
+        expected_time=(
+            "estimated, not measured: ~6-7 GPU-hours on one H100 for 1 seed. ResNet-18 micro costs ~3.4 "
+            "GFLOP "
+            "per training image at 32x32; 6000 steps at total batch 8192 are ~1.7e17 FLOP (~70-80 min at "
+            "~40 TFLOP/s sustained) for each of the 4 large-batch runs, ~10 min for each of the 2 runs at "
+            "1024, "
+            "plus ~10 min per run of evaluation (16 workers + the average on 10k test images every 50 steps) "
+            "and Hessian measurements; the full suite adds < 45 min"
+        ),
+        device="auto",
+    )
+
+
+PRESETS = ("quick", "fmnist", "paper")
+
+
+def get_preset(name: str, *, data: str | None = None, seeds: int | None = None) -> Preset:
+    """The preset ``name`` (quick, fmnist, paper); ``data``: the data folder for fmnist/paper; ``seeds``: how
+    many seeds per run (default: the preset's)."""
+    if seeds is not None and int(seeds) < 1:
+        raise FiguresError(f"seeds must be >= 1; got {seeds}")
+    if name == "quick":
+        return _quick(seeds)
+    if name == "fmnist":
+        return _fmnist(data, seeds)
+    if name == "paper":
+        return _paper(data, seeds)
+    raise FiguresError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
