@@ -99,7 +99,7 @@ def _due(s: int, every: int, steps: int) -> bool:
 
 
 class _Runner:
-    """One run's fixed parts (problem, schedule, grads, writer); the loop itself is :meth:`loop`."""
+    """One run's fixed parts (problem, algorithm, schedule, metrics writer); the loop is in :func:`run`."""
 
     def __init__(
         self,
