@@ -1,8 +1,8 @@
 """Rank entry for tests/verify/test_distributed.py: join the group once, run several configurations in turn.
 
 Usage (one process per rank, started by ``verify.distributed.launch.launch_local``): ``python dist_ranks.py
-PLAN.json`` with PLAN a list of ``{"config": RunConfig dict, "out": dir, "resume": bool}``. Paying the process start-up once
-for several runs keeps the test fast.
+PLAN.json`` with PLAN a list of ``{"config": RunConfig dict, "out": dir, "resume": bool}``. Paying the
+process start-up once for several runs keeps the test fast.
 """
 
 import json

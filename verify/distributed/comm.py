@@ -115,8 +115,10 @@ class Comm:
         if behind:
             culprit = behind[0]
             names = " and ".join(f"rank {k}" for k in behind)
-            own = (f"{names} stopped after {last[culprit]} (hung or died: {seen} {reason.split(' (')[0]} "
-                   f"in {where})")  # fmt: skip
+            waited = f" for rank {peer}" if peer is not None else ""
+            event = f"timed out after {self.timeout:g} s" if reason.startswith("did not") else reason
+            own = (f"{names} stopped after {last[culprit]} (hung or died; rank {self.rank}, waiting{waited} "
+                   f"in {where}, {event})")  # fmt: skip
         elif peer is not None:
             culprit, own = peer, f"rank {peer} {reason} during {where} ({seen})"
         else:
