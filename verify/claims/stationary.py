@@ -83,7 +83,8 @@ def stationary_deviations(Q: Sequence[np.ndarray], seed: int) -> torch.Tensor:
     for Qi in Q:
         vals, vecs = np.linalg.eigh(0.5 * (Qi + Qi.T))
         cols.append(vecs @ (np.sqrt(np.clip(vals, 0, None)) * rng.standard_normal(vals.size)))
-    return torch.as_tensor(np.stack(cols, 1), dtype=torch.float64)
+    D = np.stack(cols, 1)
+    return torch.as_tensor(D - D.mean(0, keepdims=True), dtype=torch.float64)  # range(Q_i) is orthogonal to 1
 
 
 def time_average(
