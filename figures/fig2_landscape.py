@@ -178,6 +178,23 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
     return fig, _caption(ctx, runs, vals, settings)
 
 
+def compare(d: dict[str, float], c: dict[str, float]) -> str:
+    """``flatter`` / ``sharper`` when Tr H and lambda_max of D-SGD (``d``) both differ from C-SGD's (``c``)
+    in the same direction by more than twice their combined errors; else which measure separates them."""
+    names = ("Tr H", "lambda_max")
+    signs = []
+    for v, e in (("trace", "trace_se"), ("lmax", "lmax_err")):
+        diff, err = d[v] - c[v], 2 * float(np.hypot(d[e], c[e]))
+        signs.append(0 if abs(diff) <= err else int(np.sign(diff)))
+    if signs[0] == signs[1]:
+        return {-1: "flatter", 1: "sharper", 0: "indistinguishable (both within 2 errors)"}[signs[0]]
+    if 0 in signs:
+        k = 1 - signs.index(0)
+        word = "flatter" if signs[k] < 0 else "sharper"
+        return f"{word} by {names[k]} only ({names[1 - k]} within 2 errors)"
+    return "mixed (the two measures disagree)"
+
+
 def _caption(ctx: FigureContext, runs: list[RunData], vals: list[dict], settings: dict) -> Caption:
     numbers = {}
     for run, v, (key, _) in zip(runs, vals, PANELS, strict=True):
@@ -188,14 +205,7 @@ def _caption(ctx: FigureContext, runs: list[RunData], vals: list[dict], settings
         )
     ratio = {b: vals[2 * i + 1]["lmax"] / vals[2 * i]["lmax"] for i, b in enumerate(("small", "large"))}
     tr_ratio = {b: vals[2 * i + 1]["trace"] / vals[2 * i]["trace"] for i, b in enumerate(("small", "large"))}
-    verdict = {
-        b: "flatter"
-        if ratio[b] < 1 and tr_ratio[b] < 1
-        else "sharper"
-        if ratio[b] > 1 and tr_ratio[b] > 1
-        else "mixed (the two measures disagree)"
-        for b in ratio
-    }
+    verdict = {b: compare(vals[2 * i + 1], vals[2 * i]) for i, b in enumerate(("small", "large"))}
     notes = [
         f"lambda_max(D-SGD) / lambda_max(C-SGD) = {fmt(ratio['small'])} at the small and "
         f"{fmt(ratio['large'])} "

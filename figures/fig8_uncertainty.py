@@ -111,15 +111,14 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
         if key != "csgd" and run.has("ensemble_nll"):
             s, v = run.series("ensemble_nll")
             ax.plot(s, v, color=style.color(key), ls="--", label=f"{_label(run, key)}: worker ensemble")
-    ax.set_yscale("log")
     late = [
         run.series(c)[1][len(run.series(c)[1]) // 10 :]
         for run in (ring, csgd)
         for c in ("avg_nll", "ensemble_nll")
         if run.has(c)
     ]
-    ax.set_ylim(0.95 * min(v.min() for v in late), 1.1 * max(v.max() for v in late))
-    style.plain_log_ticks(ax)
+    lo, hi = min(v.min() for v in late), max(v.max() for v in late)
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_xlabel("iteration")
     ax.set_ylabel("test NLL (nats per example)")
     style.title(ax, "b", "test NLL (y zoomed past the first 10%)")

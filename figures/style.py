@@ -152,7 +152,7 @@ def plain_log_ticks(ax: Any, axis: str = "y") -> None:
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
-    keep = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if hi / lo < 3 else (2.0, 5.0)
+    keep = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if hi / lo < 3 else (2.0, 3.0, 5.0)
 
     def minor(v: float, _: Any) -> str:
         mant = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
