@@ -246,6 +246,21 @@ def csgd_variance(eta: float, h: ArrayLike, noise_var: ArrayLike, total_batch: f
     return eta * s_arr / (total_batch * h_arr * (2.0 - eta * h_arr))
 
 
+def csgd_excess_loss_se(
+    eta: float, h: ArrayLike, noise_var: ArrayLike, total_batch: float, steps: int, chains: int = 1
+) -> float:
+    """Standard error of the time average of C-SGD's excess loss over ``steps`` stationary steps, averaged
+    over ``chains`` independent chains, under the exact model: each ``w_i`` is a Gaussian AR(1) with
+    coefficient ``a_i = 1 - eta h_i`` and variance ``v_i`` (:func:`csgd_variance`), so ``Var(w_i^2) = 2
+    v_i^2`` with autocorrelation ``a_i^(2k)`` and ``SE^2 = sum_i (h_i / 2)^2 2 v_i^2 (1 + a_i^2) / ((1 -
+    a_i^2) T C)``. Cost: O(d)."""
+    h_arr, _ = _spectrum(h, noise_var)
+    v = csgd_variance(eta, h, noise_var, total_batch)
+    a2 = (1.0 - eta * h_arr) ** 2
+    var = np.sum((h_arr / 2) ** 2 * 2 * v**2 * (1 + a2) / (1 - a2)) / (int(steps) * int(chains))
+    return float(np.sqrt(var))
+
+
 def loglog_slope_of(fn: Any, xs: Sequence[float]) -> float:
     """Least-squares slope of ``log fn(x)`` vs ``log x`` over ``xs`` (the predicted exponent on a grid)."""
     x = np.log(np.asarray(xs, dtype=np.float64))

@@ -7,6 +7,7 @@ import torch
 from verify.lyapunov import (
     LyapunovError,
     csgd_excess_loss,
+    csgd_excess_loss_se,
     csgd_variance,
     direction_covariance,
     stationary_consensus,
@@ -165,3 +166,22 @@ def test_accepts_torch_and_scalar_noise():
     a = stationary_consensus(P, 0.02, torch.tensor([0.5, 1.0]), 2.0, 3).trace_xi
     b = stationary_consensus(P.numpy(), 0.02, [0.5, 1.0], [2.0, 2.0], 3).trace_xi
     assert a == pytest.approx(b, rel=1e-15)
+
+
+def test_csgd_excess_loss_se_matches_simulation():
+    """The model SE of a time-averaged excess loss against the spread of 2000 simulated stationary chains."""
+    eta, B, T, chains = 0.05, 16, 400, 2000
+    h, sig = np.array([0.2, 1.0, 3.0]), np.array([1.0, 2.0, 0.5])
+    rng = np.random.default_rng(5)
+    v = csgd_variance(eta, h, sig, B)
+    w = rng.standard_normal((chains, 3)) * np.sqrt(v)
+    acc = np.zeros(chains)
+    for _ in range(T):
+        w = w - eta * (h * w + rng.standard_normal((chains, 3)) * np.sqrt(sig / B))
+        acc += 0.5 * (h * w * w).sum(1)
+    means = acc / T
+    assert means.mean() == pytest.approx(csgd_excess_loss(eta, h, sig, B), rel=0.02)
+    assert means.std(ddof=1) == pytest.approx(csgd_excess_loss_se(eta, h, sig, B, T), rel=0.1)
+    assert csgd_excess_loss_se(eta, h, sig, B, T, chains=4) == pytest.approx(
+        csgd_excess_loss_se(eta, h, sig, B, T) / 2, rel=1e-12
+    )

@@ -142,13 +142,13 @@ class NetRun:
 @functools.lru_cache(maxsize=128)
 def network_run(
     seed: int, hidden: int, pretrain_steps: int, eta: float, b: int, sampling: str, steps: int, burn: int,
-    hess_every: int = HESS_EVERY, topology: str = "ring",
+    hess_every: int = HESS_EVERY, topology: str = "ring", repeats: int = 1,
 ) -> NetRun:  # fmt: skip
-    """One D-SGD (AWC) window of ``steps`` from ``w0`` with m = 16; ``sampling`` "iid" (:class:`IIDSampling`)
-    or "shards" (the paper's code). Averages after ``burn``: ``Tr Xi`` every step; ``1/2 Tr(H Xi)`` by m
-    HVPs on the full training loss every ``hess_every`` steps (0: never); ``Tr Sigma(w_a)`` at the window's
-    start, middle and end. Cost: ``steps`` x m gradients, plus m HVPs per Hessian snapshot, 3 x N per-sample
-    gradients."""
+    """``repeats`` independent D-SGD (AWC) windows of ``steps`` from ``w0`` with m = 16 (different batch
+    streams, results averaged); ``sampling`` "iid" (:class:`IIDSampling`) or "shards" (the paper's code).
+    Averages after ``burn``: ``Tr Xi`` every step; ``1/2 Tr(H Xi)`` by m HVPs on the full training loss
+    every ``hess_every`` steps (0: never); ``Tr Sigma(w_a)`` at the window's start, middle and end. Cost per
+    window: ``steps`` x m gradients, plus m HVPs per Hessian snapshot, 3 x N per-sample gradients."""
     from verify import measures
     from verify.engine import run
 
@@ -156,34 +156,44 @@ def network_run(
         raise ValueError(f"sampling must be 'iid' or 'shards'; got {sampling!r}")
     setup = digits_setup(seed, hidden, pretrain_steps)
     cls = IIDSampling if sampling == "iid" else ModelProblem
-    run_seed = seed * 7919 + 1 + int(round(eta * 1e6)) * 31 + b
-    prob = cls(setup.model, setup.train, setup.test, m=16, local_batch=b, seed=run_seed)
     cd: list[float] = []
     hx: list[float] = []
     sig: list[float] = []
+    ses: list[float] = []
+    losses: list[float] = []
+    wall = 0.0
     marks = {burn, (burn + steps) // 2, steps}
+    for rep in range(int(repeats)):
+        run_seed = seed * 7919 + 1 + int(round(eta * 1e6)) * 31 + b + 104729 * rep
+        prob = cls(setup.model, setup.train, setup.test, m=16, local_batch=b, seed=run_seed)
+        cd_rep: list[float] = []
 
-    def on_step(s: int, state) -> None:
-        if s <= burn and s not in marks:
-            return
-        W = state.W
-        w_a = W.mean(0)
-        D = W - w_a
-        if s > burn:
-            cd.append(float((D * D).sum() / W.shape[0]))
-        if hess_every and s > burn and (s - burn) % hess_every == 0:
-            hx.append(0.5 * measures.trace_h_xi(prob, w_a, D))
-        if s in marks:
-            sig.append(trace_sigma(prob, w_a))
+        def on_step(s: int, state, prob=prob, cd_rep=cd_rep) -> None:
+            if s <= burn and s not in marks:
+                return
+            W = state.W
+            w_a = W.mean(0)
+            D = W - w_a
+            if s > burn:
+                cd_rep.append(float((D * D).sum() / W.shape[0]))
+            if hess_every and s > burn and (s - burn) % hess_every == 0:
+                hx.append(0.5 * measures.trace_h_xi(prob, w_a, D))
+            if s in marks:
+                sig.append(trace_sigma(prob, w_a))
 
-    cfg = run_config(topology=topology, m=16, b=b, lr=eta, steps=steps, seed=run_seed)
-    res = run(cfg, progress=False, problem=prob, on_step=on_step)
-    if res.diverged:
-        raise RuntimeError(f"network run diverged (eta={eta}, b={b}): {res.message}")
+        cfg = run_config(topology=topology, m=16, b=b, lr=eta, steps=steps, seed=run_seed)
+        res = run(cfg, progress=False, problem=prob, on_step=on_step)
+        if res.diverged:
+            raise RuntimeError(f"network run diverged (eta={eta}, b={b}): {res.message}")
+        cd += cd_rep
+        ses.append(batch_means_se(cd_rep))
+        losses.append(float(res.metrics[-1]["train_loss"]))
+        wall += res.wall_s
     return NetRun(
-        eta=eta, b=b, sampling=sampling, trace_xi=float(np.mean(cd)), trace_xi_se=batch_means_se(cd),
+        eta=eta, b=b, sampling=sampling, trace_xi=float(np.mean(cd)),
+        trace_xi_se=float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
         half_trace_h_xi=float(np.mean(hx)) if hx else None, trace_sigma_window=float(np.mean(sig)),
-        train_loss_end=float(res.metrics[-1]["train_loss"]), wall_s=res.wall_s,
+        train_loss_end=float(np.mean(losses)), wall_s=wall,
     )  # fmt: skip
 
 

@@ -40,7 +40,7 @@ class LargeBatchNetwork(Check):
     control = "fixed eta = 0.05 (no LSR): Tr Xi slope vs B about -1, not > 0"
 
     def run(self, ctx: Context) -> CheckResult:
-        steps, burn = window(ctx)
+        steps, burn, reps = window(ctx)
         bs = ctx.pick([2, 4, 8, 16], [1, 2, 4, 8, 16, 32])
         plan = [("lsr", KAPPA * b, b, "iid") for b in bs] + [
             ("control_fixed_eta", 0.05, b, "iid") for b in bs
@@ -52,7 +52,7 @@ class LargeBatchNetwork(Check):
         bar.update(1)
         rows = []
         for fam, eta, b, sampling in plan:
-            r = network_run(ctx.seed, HIDDEN, PRETRAIN, eta, b, sampling, steps, burn)
+            r = network_run(ctx.seed, HIDDEN, PRETRAIN, eta, b, sampling, steps, burn, repeats=reps)
             pred = predict(setup, eta, b, r.trace_sigma_window)
             rows.append({
                 "family": fam, "b": b, "B": 16 * b, "eta": eta, "sampling": sampling,
@@ -94,6 +94,7 @@ class LargeBatchNetwork(Check):
                 "form": "AWC",
                 "steps": steps,
                 "burn_in": burn,
+                "windows_per_point": reps,
                 "bs": bs,
                 "kappa": KAPPA,
                 "sampling": "i.i.d. with replacement from the whole training set",
