@@ -41,12 +41,15 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
             raise FiguresError(f"no run logged {col!r}: the preset's seed-0 runs need sharpness_every > 0")
     fig, axes = style.subplots(2, 2, width=4.3, height=2.9)
     numbers: dict[str, str] = {}
+    dropped: dict[str, int] = {}
     for (col, ylabel, title, letter), ax in zip(PANELS, axes.ravel(), strict=True):
         for (key, batch), run in runs.items():
             if not run.has(col) or (key == "csgd" and col in ("trace_h_xi", "consensus_distance")):
                 continue
             steps, v = run.series(col)
             keep = v > 0
+            if not keep.all():
+                dropped[col] = dropped.get(col, 0) + int((~keep).sum())
             c = run.config
             lab = f"{style.label(key)}, B = {c['local_batch'] * c['workers']}"
             ax.plot(
@@ -66,6 +69,8 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
         style.plain_log_ticks(ax)
         for t in next(iter(runs.values())).config.get("milestones") or []:
             ax.axvline(t, color="0.55", ls=":", lw=1)
+    for col, n in dropped.items():
+        numbers[f"{col}: values <= 0 not drawn on the log axis"] = str(n)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=3)
     fig.suptitle("Sharpness and consensus along training (solid: large total batch, dashed: small; seed 0)")
     return fig, _caption(ctx, runs, numbers)

@@ -61,17 +61,17 @@ def _pair(
     ax.plot(B, pred, color=color, lw=0.9, alpha=0.8)
 
 
-def phase_means(run: RunData, column: str = "trace_h_xi") -> list[tuple[float, float]]:
-    """``(lr, mean of column)`` over each constant-learning-rate phase after warm-up (at the steps where it
-    was logged)."""
+def phase_means(run: RunData, column: str = "trace_h_xi") -> dict[int, tuple[float, float]]:
+    """Phase index k -> ``(lr, mean of column)`` over each constant-learning-rate phase after warm-up (phase k
+    runs at ``lr * 0.1^k``), at the steps where the column was logged; phases without a value are left out."""
     steps, v = run.series(column)
     c = run.config
     edges = [int(c.get("warmup") or 0)] + [int(t) for t in c.get("milestones") or []] + [int(c["steps"]) + 1]
-    out = []
+    out = {}
     for k, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         sel = (steps > a) & (steps <= b)
         if sel.any():
-            out.append((float(c["lr"]) * 0.1**k, float(v[sel].mean())))
+            out[k] = (float(c["lr"]) * 0.1**k, float(v[sel].mean()))
     return out
 
 
@@ -238,19 +238,34 @@ def _runs_panel(ax: Any, ctx: FigureContext, slopes: list, numbers: dict, source
     runs = [ctx.seed0("ring", b) for b in ("small", "large")]
     per = [phase_means(r) for r in runs]
     Bs = [r.config["local_batch"] * r.config["workers"] for r in runs]
-    for k in range(min(len(p) for p in per)):
+    allpos = True
+    for i, k in enumerate(sorted(set(per[0]) & set(per[1]))):
         y = [0.5 * p[k][1] for p in per]
-        s = fit_slope(
-            Bs, y, f"{ctx.preset.name} runs, ring, lr phase {k + 1}: 1/2 Tr(H Xi) vs B (LSR, 2 points)", 1.0
-        )
-        lab = f"phase {k + 1}: lr {per[0][k][0]:g} -> {per[1][k][0]:g}, {s.tag}"
-        ax.plot(Bs, y, "o-", color=style.color("ring"), alpha=1.0 - 0.3 * k, lw=1.2, label=lab)
-        slopes.append(s)
+        lab = f"phase {k + 1}: lr {per[0][k][0]:g} -> {per[1][k][0]:g}"
+        if min(y) > 0:
+            s = fit_slope(
+                Bs,
+                y,
+                f"{ctx.preset.name} runs, ring, lr phase {k + 1}: 1/2 Tr(H Xi) vs B (LSR, 2 points)",
+                1.0,
+            )
+            slopes.append(s)
+            lab += f", {s.tag}"
+        else:
+            allpos = False
+            lab += ", not > 0: no log slope"
+        ax.plot(Bs, y, "o-", color=style.color("ring"), alpha=max(0.3, 1.0 - 0.3 * i), lw=1.2, label=lab)
         numbers[f"{ctx.preset.name} runs, lr phase {k + 1}: 1/2 Tr(H Xi) at B = {Bs[0]} / {Bs[1]}"] = (
             f"{fmt(y[0])} / {fmt(y[1])}"
         )
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if allpos:
+        ax.set_yscale("log")
+    else:
+        ax.axhline(0.0, color="0.5", lw=0.8, ls=":")
+        numbers["panel (d)"] = (
+            "some phase means of Tr(H Xi) are <= 0 (negative curvature along Xi): linear y axis"
+        )
     style.data_ticks(ax, Bs)
     ax.set_xlabel("total batch B (LSR)")
     ax.set_ylabel(r"$\frac{1}{2}$Tr$(H\Xi)$, phase mean")

@@ -13,7 +13,7 @@ training.
 - ``fmnist``: Fashion-MNIST from a local folder of idx files (``--data DIR``, default the Debian package
   ``dataset-fashion-mnist``'s ``/usr/share/datasets/fashion-mnist``), the small CNN with BatchNorm (ReLU,
   width 16), local batch 8 and 64, lr 0.05 and 0.4 (measured: at 0.8 this CNN, trained from scratch, stays at
-  chance; without BatchNorm it stalls for ~100 steps even at 0.1), 600 steps, 2 seeds; metrics on 2000 test /
+  chance; without BatchNorm it stalls for ~100 steps even at 0.1), 500 steps, 2 seeds; metrics on 2000 test /
   2000 training images. Under 90 minutes on CPU (see ``expected_time``).
 - ``paper``: CIFAR-10 from a local folder of the python pickles (``--data DIR``), ResNet-18 micro, local batch
   64 and 512, lr 0.1 and 0.8, 6000 iterations, warm-up 60, decays at 2400 and 4800: the paper's settings
@@ -149,24 +149,24 @@ def _fmnist(data: str | None, seeds: int | None) -> Preset:
     folder = data or os.environ.get("DSGD_FMNIST") or "/usr/share/datasets/fashion-mnist"
     base = dict(
         workers=16,
-        steps=600,
-        warmup=6,
-        milestones=[240, 480],
+        steps=500,
+        warmup=5,
+        milestones=[200, 400],
         data=f"fashion-mnist:{folder}",
         model="small_cnn",
         model_kwargs={"width": 16, "activation": "relu", "bn": True},
         dtype="float32",
-        log_every=30,
+        log_every=25,
         test_samples=2000,
         eval_samples=2000,
-        hess_samples=256,
+        hess_samples=128,
         momentum=0.0,
         weight_decay=0.0,
     )
-    extra = {"hess_every": 150, "sharpness_every": 300}
+    extra = {"hess_every": 125, "sharpness_every": 250}
     return Preset(
         "fmnist",
-        "Fashion-MNIST, small CNN with BatchNorm, m = 16, local batch 8 / 64, lr 0.05 / 0.4, 600 steps",
+        "Fashion-MNIST, small CNN with BatchNorm, m = 16, local batch 8 / 64, lr 0.05 / 0.4, 500 steps",
         design(base, (8, 0.05), (64, 0.4), seeds or 2, extra),
         suite_mode="quick",
         landscape={
@@ -178,10 +178,10 @@ def _fmnist(data: str | None, seeds: int | None) -> Preset:
             "lanczos_tol": 1e-3,
         },
         expected_time=(
-            "estimated from measured step times, not run end to end: ~60-80 min on 2 CPU cores (a "
-            "large-batch step of the 16 workers takes ~0.5-0.6 s, a small-batch one ~0.2 s; 12 runs of 600 "
-            "steps, Tr H and lambda_max on 256 training images at 3 points of each seed-0 run, ~5 min of "
-            "landscapes)"
+            "estimated from measured costs, not run end to end: ~70-85 min on 2 CPU cores (a large-batch "
+            "step of the 16 workers ~0.5-0.6 s, a small-batch one ~0.2 s: ~45 min for the 12 runs of 500 "
+            "steps; Tr H + lambda_max on 128 training images ~40 s per point, 3 points per seed-0 run: ~12 "
+            "min; logging ~8 min; the quick suite ~2 min; figures ~7 min)"
         ),
     )
 
