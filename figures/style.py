@@ -141,7 +141,7 @@ def title(ax: Any, letter: str, text: str, **kw: Any) -> None:
 
 def plain_log_ticks(ax: Any, axis: str = "y") -> None:
     """Plain-number tick labels (``20``, ``0.6``) on a log axis spanning < 2 decades; minor ticks are labelled
-    only at 2 and 5 x 10^k, and only when the axis spans less than about one decade."""
+    at 2, 3 and 5 x 10^k (all of 2-8 below a factor 3), and only when the axis spans less than a factor 30."""
     import math
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -158,7 +158,7 @@ def plain_log_ticks(ax: Any, axis: str = "y") -> None:
         mant = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
         return f"{v:g}" if mant in keep else ""
 
-    target.set_minor_formatter(FuncFormatter(minor) if hi / lo < 12 else NullFormatter())
+    target.set_minor_formatter(FuncFormatter(minor) if hi / lo < 30 else NullFormatter())
 
 
 def data_ticks(ax: Any, values: Any, axis: str = "x") -> None:
