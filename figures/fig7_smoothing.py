@@ -60,7 +60,13 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
         "smoothed": (r"smoothed, $\Xi = \sigma^2 I$, $\sigma = 10^{-2}$", SMOOTH, "o", "-"),
         "xi_along_u": (r"smoothed, rank-1 $\Xi$ along $u$", SMOOTH, "D", "--"),
     }
-    slopes = {k: fit_slope(h, diff[k], f"difference ratio vs h, {v[0]}") for k, v in lines.items()}
+    plain = {
+        "raw": "raw loss L",
+        "xi_orthogonal": "Xi of rank 15 with range orthogonal to u",
+        "smoothed": "smoothed, Xi = sigma^2 I, sigma = 0.01",
+        "xi_along_u": "smoothed, rank-1 Xi along u",
+    }
+    slopes = {k: fit_slope(h, diff[k], f"difference ratio vs h, {plain[k]}") for k in lines}
     slopes["raw"].predicted = -1.0
     slopes["xi_orthogonal"].predicted = -1.0
     slopes["smoothed"].predicted = 0.0
