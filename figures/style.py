@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from sharpness.results import atomic_write  # noqa: E402
 
 #: The Okabe-Ito palette.
 OKABE_ITO = {
@@ -175,16 +176,8 @@ def data_ticks(ax: Any, values: Any, axis: str = "x") -> None:
 
 
 def _atomic_savefig(fig: Figure, path: Path, **kw: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    fmt = path.suffix.lstrip(".")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
 
 
 def save(fig: Figure, out: str | os.PathLike[str], name: str) -> dict[str, Path]:
