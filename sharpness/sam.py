@@ -21,6 +21,7 @@ from .evaluate import loss_at, loss_values, prepare, value_and_grad
 from .functional import Batch, FunctionalLoss, SharpnessInputError
 from .hvp import HessianOperator
 from .results import Result
+from .trace import hessian_trace
 from .xi import Deviations, as_deviation_matrix, centre, xi_sampler, xi_trace
 
 __all__ = [
@@ -105,19 +106,6 @@ def _draw(
     if D is not None:
         return xi_sampler(D, n, gen)
     return sigma * torch.randn(n, d, generator=gen, dtype=like.dtype).to(like.device)  # type: ignore[operator]
-
-
-def _hutchinson(op: HessianOperator, n_probes: int, gen: torch.Generator) -> tuple[float, float]:
-    """Rademacher Hutchinson ``Tr H ~ mean_i v_i^T H v_i`` and its standard error. Cost: ``n_probes`` HVPs."""
-    d = op.num_params
-    est: list[Tensor] = []
-    for i in range(0, n_probes, BLOCK):
-        k = min(BLOCK, n_probes - i)
-        V = (torch.randint(0, 2, (d, k), generator=gen) * 2 - 1).to(device=op.device, dtype=op.dtype)
-        est.append((V * op.matmat(V)).sum(0))
-    vals = torch.cat(est).double()
-    se = float(vals.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else math.inf
-    return float(vals.mean()), se
 
 
 # --------------------------------------------------------------------------- measurements
@@ -243,7 +231,8 @@ def avg_sam_quadratic(
     else:
         if n_probes < 2:
             raise SharpnessInputError(f"n_probes = {n_probes}: need at least 2 for a standard error")
-        tr_h, se_h = _hutchinson(op, n_probes, torch.Generator().manual_seed(seed))
+        tr = hessian_trace(op, n_probes=n_probes, seed=seed)
+        tr_h, se_h = tr.value, tr.stderr
         s2 = float(sigma) ** 2  # type: ignore[arg-type]
         half, se, trace_sigma = 0.5 * s2 * tr_h, 0.5 * s2 * se_h, s2 * op.num_params
     op.release()
