@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    RSS_CHILD_ENV,
     interleaved,
     median,
     peak_cuda_increase,
@@ -251,7 +252,7 @@ def memory_costs(model_name: str, device: torch.device, threads: int | None) -> 
         else:
             argv = [__file__, "--memory-child", f"{model_name}:{what}"]
             argv += ["--threads", str(threads)] if threads else []
-            res = run_json_child(argv)
+            res = run_json_child(argv, env=RSS_CHILD_ENV)
             out[what], out["method"] = res["bytes"], res["method"]
     return out
 

@@ -86,3 +86,12 @@ def test_report_rows_compute_ratios_and_verdicts():
     assert rows["top5 time [s]"][4:] == ["0.40", "<= 0.5", "yes"]
     assert rows["trace peak / gradient peak"][2:] == ["2.50", "2.00", "", "<= 3", "yes"]
     assert bs.rel_errors([1.0, 3.0], [3.0, 2.0, 1.0]) == [0.0, 0.5]
+
+
+def test_peak_rss_in_a_child_with_fixed_mmap_threshold_is_tight():
+    code = (
+        "import json, torch; from benchmarks._timing import peak_rss_increase; torch.ones(8).sum(); "
+        "print(json.dumps(peak_rss_increase(lambda: torch.ones(16 * 2**20).sum())))"
+    )
+    nbytes, method = run_json_child(["-c", code], env=_timing.RSS_CHILD_ENV)
+    assert abs(nbytes - 64 * MiB) <= 1 * MiB, (nbytes / MiB, method)  # the 64 MiB buffer, to 1 MiB
