@@ -11,8 +11,9 @@ Cost: the run (m gradients and one gossip product per step) plus O(m d) per step
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,19 @@ class TimeAverage:
     wall_s: float
     final_W: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one intra-op torch thread, then restore the previous count. The small models of
+    these checks do tiny tensor operations per step, where extra threads mostly add synchronisation: on a
+    busy 2-core machine, 2 threads made the network windows 10-15x slower than 1 (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def batch_means_se(x: Sequence[float], blocks: int = BLOCKS) -> float:
