@@ -72,7 +72,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
-    """``None`` -> the model's device; ``"auto"`` -> CUDA when present; a CUDA request without CUDA is an error."""
+    """``None`` -> the model's device; ``"auto"`` -> CUDA when present; CUDA without CUDA is an error."""
     if device is None:
         return model_device(model) if model is not None else torch.device("cpu")
     if str(device) == "auto":
@@ -130,7 +130,7 @@ class FunctionalLoss:
     def terms(self) -> list[tuple[float, Callable[[Params], Tensor]]]:
         """The loss as ``sum_b w_b L_b`` (one term when there is a single batch)."""
         if self.batch_losses:
-            return list(zip(self.weights, self.batch_losses))
+            return list(zip(self.weights, self.batch_losses, strict=True))
         return [(1.0, self.loss)]
 
 
@@ -140,15 +140,14 @@ def flatten(params: Params) -> Tensor:
 
 
 def unflatten(vec: Tensor, like: Params) -> Params:
-    """Split a vector (or a batch of vectors, leading dims kept) into a dict shaped like ``like``."""
-    out: Params = {}
-    i = 0
+    """Split a vector (or a batch of vectors, leading dims kept) into a dict shaped like ``like``.
+
+    Views through ``split`` (no copies): under autograd the backward of ``split`` writes each piece in place
+    instead of zero-filling and adding one full-size vector per parameter tensor.
+    """
     lead = vec.shape[:-1]
-    for name, p in like.items():
-        n = p.numel()
-        out[name] = vec[..., i : i + n].reshape(*lead, *p.shape)
-        i += n
-    return out
+    parts = vec.split([p.numel() for p in like.values()], dim=-1)
+    return {n: t.reshape(*lead, *p.shape) for (n, p), t in zip(like.items(), parts, strict=True)}
 
 
 def make_loss(
@@ -198,7 +197,7 @@ def make_loss(
     weights = [n / total for n in sizes]
 
     def loss(p: Params) -> Tensor:
-        return sum(w * f(p) for w, f in zip(weights, terms))  # type: ignore[return-value]
+        return sum(w * f(p) for w, f in zip(weights, terms, strict=True))  # type: ignore[return-value]
 
     fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights)
     if check:

@@ -1,8 +1,9 @@
 """Exact Hessian-vector products of a :class:`~sharpness.functional.FunctionalLoss`.
 
-``HessianOperator`` is the linear operator ``v -> H v`` with ``H = nabla^2 L(theta)`` at the measured point,
-on flat vectors of length ``num_params``. Products are exact (forward-over-reverse automatic differentiation,
-or double backward), never finite differences. Every other curvature routine is built on ``matvec``/``matmat``.
+``HessianOperator`` is the linear operator ``v -> H v`` with ``H = nabla^2 L(theta)`` at the measured
+point, on flat vectors of length ``num_params``. Products are exact (forward-over-reverse automatic
+differentiation, or double backward), never finite differences. Every other curvature routine is built on
+``matvec``/``matmat``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class HessianOperator:
 
     Build it from ``(model, loss_fn, data)`` or from a :class:`FunctionalLoss`. Costs, in gradient units:
     ``matvec`` about 2-3 gradients (one forward-over-reverse pass per batch); ``matmat`` with ``k`` columns
-    runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA). ``hvp_count`` counts vectors multiplied.
+    runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA).
+    ``hvp_count`` counts vectors multiplied.
 
     ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``) or
     ``"autograd"`` (double backward with ``is_grads_batched`` on a gradient graph built once and reused).
@@ -63,9 +65,7 @@ class HessianOperator:
     ) -> None:
         if backend not in ("func", "autograd"):
             raise SharpnessInputError(f"backend must be 'func' or 'autograd', not {backend!r}")
-        self.fl = as_functional(
-            model, loss_fn, data, params=params, train_mode=train_mode, device=device
-        )
+        self.fl = as_functional(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
         self.backend = backend
         # On CPU one product at a time on the reused graph measured fastest (about 1.2 gradients per vector on
         # a small CNN, against 2.3 for vmapped blocks of 8); on CUDA batching pays. See benchmarks/.
@@ -117,9 +117,7 @@ class HessianOperator:
     def matmat(self, V: Tensor) -> Tensor:
         """``H V`` for a (d, k) block, ``chunk`` columns per vectorised call. Cost: k HVPs."""
         if V.dim() != 2 or V.shape[0] != self.num_params:
-            raise SharpnessInputError(
-                f"matmat expects a ({self.num_params}, k) block, got {tuple(V.shape)}"
-            )
+            raise SharpnessInputError(f"matmat expects a ({self.num_params}, k) block, got {tuple(V.shape)}")
         V = V.to(device=self.device, dtype=self.dtype)
         rows = V.T.contiguous()
         out = [self._hvp_rows(rows[i : i + self.chunk]) for i in range(0, rows.shape[0], self.chunk)]
@@ -163,9 +161,7 @@ class HessianOperator:
                 (hv,) = torch.autograd.grad(g, t, grad_outputs=rows[0], retain_graph=True)
                 hv = hv.unsqueeze(0)
             else:
-                (hv,) = torch.autograd.grad(
-                    g, t, grad_outputs=rows, retain_graph=True, is_grads_batched=True
-                )
+                (hv,) = torch.autograd.grad(g, t, grad_outputs=rows, retain_graph=True, is_grads_batched=True)
             total = w * hv if total is None else total + w * hv
         return total.detach()  # type: ignore[union-attr]
 

@@ -88,7 +88,7 @@ def hessian_trace(
     n_probes: int = 100,
     method: str = "hutchinson",
     rtol: float | None = None,
-    batch: int = 16,
+    batch: int | None = None,
     seed: int = 0,
     params: Sequence[str] | str | None = None,
     device: str | torch.device | None = None,
@@ -108,18 +108,21 @@ def hessian_trace(
     ``rtol``: probes go in blocks of ``batch``; stop after the first block where ``stderr < rtol |value|``
     (or ``stderr == 0``) once at least ``MIN_PROBES`` = 10 Hutchinson probes are in; ``n_probes`` stays the
     cap.
-    Products are formed ``batch`` columns at a time through ``matmat``.
+    Products are formed ``batch`` columns at a time through ``matmat`` (default: the operator's ``chunk``).
     """
     if method not in ("hutchinson", "hutch++"):
         raise SharpnessInputError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")
     least = 2 if method == "hutchinson" else 4
     if not isinstance(n_probes, (int, np.integer)) or n_probes < least:
         raise SharpnessInputError(f"n_probes must be an integer >= {least} for {method}, got {n_probes!r}")
-    if not isinstance(batch, (int, np.integer)) or batch < 1:
+    if batch is not None and (not isinstance(batch, (int, np.integer)) or batch < 1):
         raise SharpnessInputError(f"batch must be a positive integer, got {batch!r}")
     if rtol is not None and not rtol > 0:
         raise SharpnessInputError(f"rtol must be positive, got {rtol!r}")
     op, created = resolve_operator(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
+    # Default block: the operator's own chunk (1 on CPU, 8 on CUDA). Larger blocks buy no speed on CPU but
+    # hold several d x batch blocks at once (5.3x a gradient's peak memory on a 0.6M ResNet at batch 16).
+    batch = int(batch) if batch is not None else int(getattr(op, "chunk", 16))
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     start = op.hvp_count
     stop = None
