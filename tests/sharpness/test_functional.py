@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import bn_cnn, mlp
 from torch import nn
 from torch.func import functional_call
 
@@ -14,25 +15,6 @@ from sharpness.functional import FunctionalLoss, SharpnessInputError, flatten, m
 from sharpness.hvp import HessianOperator
 
 DT = torch.float64
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
-
-
-def bn_cnn(seed: int = 0) -> nn.Module:
-    """Conv -> BatchNorm -> tanh -> Linear; running stats made non-trivial by train-mode passes."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
-    ).to(DT)
-    net.train()
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randn(16, 1, 6, 6, dtype=DT) * 2 + 0.5)
-    net.eval()
-    return net
 
 
 def cls_data(n: int = 20, seed: int = 1, image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
