@@ -91,11 +91,30 @@ def _read_kb(field: str) -> int:
     raise OSError(f"{field} not found in {_HWM_FILE}")
 
 
-def _hwm_resettable() -> bool:
+def _status_kb(*fields: str) -> tuple[int, ...]:
+    """Several fields of /proc/self/status from ONE read, so they describe the same instant."""
+    with open(_HWM_FILE) as fh:
+        found = {ln.split(":")[0]: int(ln.split()[1]) for ln in fh if ln.split(":")[0] in fields}
+    if len(found) != len(fields):
+        raise OSError(f"{fields} not all found in {_HWM_FILE}")
+    return tuple(found[f] for f in fields)
+
+
+def _hwm_resettable(probe_mib: int = 64) -> bool:
+    """Whether writing 5 to clear_refs resets VmHWM to the current RSS.
+
+    VmRSS is only approximate (the kernel batches RSS counters per thread/CPU, hundreds of kB of slack), so
+    comparing VmHWM with VmRSS to a few kB raced. Instead: touch and free a ``probe_mib`` buffer (its pages go
+    back to the OS), so VmHWM sits at least that far above VmRSS; after a working reset the gap is gone.
+    """
     try:
+        buf = bytearray(probe_mib * 2**20)
+        buf[::4096] = b"\x01" * len(range(0, len(buf), 4096))  # touch every page
+        del buf
         with open(_CLEAR_REFS, "w") as fh:
             fh.write("5")
-        return _read_kb("VmHWM") <= _read_kb("VmRSS") + 4
+        hwm, rss = _status_kb("VmHWM", "VmRSS")
+        return hwm - rss < probe_mib * 1024 // 2
     except OSError:
         return False
 

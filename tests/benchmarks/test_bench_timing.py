@@ -90,7 +90,9 @@ def test_report_rows_compute_ratios_and_verdicts():
 
 def test_peak_rss_in_a_child_with_fixed_mmap_threshold_is_tight():
     code = (
-        "import json, torch; from benchmarks._timing import peak_rss_increase; torch.ones(8).sum(); "
+        # warm-up large enough to take the parallel path: the first parallel reduction starts the OpenMP
+        # thread pool (~3 MiB of stacks with 2 threads), a one-time cost that is not the buffer being measured
+        "import json, torch; from benchmarks._timing import peak_rss_increase; torch.ones(2**20).sum(); "
         "print(json.dumps(peak_rss_increase(lambda: torch.ones(16 * 2**20).sum())))"
     )
     nbytes, method = run_json_child(["-c", code], env=_timing.RSS_CHILD_ENV)
