@@ -8,6 +8,7 @@ names them. Exit status 1 when a check FAILs (an asserted criterion or control, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import platform
 import sys
@@ -26,6 +27,7 @@ from sharpness.functional import SharpnessInputError, resolve_device
 from .base import Check, CheckResult, ClaimsError, Context, ControlResult
 from .registry import all_checks, get
 from .report import format_table, write_report
+from .stationary import single_thread
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +71,8 @@ def execute(cls: type[Check], ctx: Context) -> CheckResult:
     """Run one check, timing it; an exception becomes a FAIL whose note is the error (traceback on stderr)."""
     start = time.perf_counter()
     try:
-        result = cls().run(ctx)
+        with single_thread() if cls.single_threaded else contextlib.nullcontext():
+            result = cls().run(ctx)
         if not isinstance(result, CheckResult) or result.id != cls.id:
             raise ClaimsError(f"{cls.id}.run() must return its CheckResult (use self.result(...))")
     except Exception as exc:  # noqa: BLE001 - a crashing check is reported, the suite goes on

@@ -23,7 +23,6 @@ from .base import Check, CheckResult, Context
 from .fitting import loglog_fit
 from .network import digits_setup, network_run, predict
 from .registry import register
-from .stationary import single_thread
 
 HIDDEN, PRETRAIN = 16, 1500
 
@@ -47,11 +46,9 @@ class ConsensusNetwork(Check):
     criterion += "[-1.15, -0.85]"
     control = "the paper's sharded sampling (persistent shard gradients): b-slope outside [-1.15, -0.85]"
 
-    def run(self, ctx: Context) -> CheckResult:
-        with single_thread():  # small models: one intra-op thread is fastest and immune to contention
-            return self._run(ctx)
+    single_threaded = True
 
-    def _run(self, ctx: Context) -> CheckResult:
+    def run(self, ctx: Context) -> CheckResult:
         steps, burn, reps = window(ctx)
         etas = ctx.pick([0.0125, 0.025, 0.05, 0.1], [0.00625, 0.0125, 0.025, 0.05, 0.1])
         bs = ctx.pick([2, 8, 32], [1, 2, 4, 8, 16, 32])

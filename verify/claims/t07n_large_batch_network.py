@@ -21,7 +21,6 @@ from .base import Check, CheckResult, Context
 from .fitting import loglog_fit
 from .network import digits_setup, network_run, predict
 from .registry import register
-from .stationary import single_thread
 from .t06n_consensus_network import HIDDEN, PRETRAIN, window
 
 KAPPA = 0.05 / 8
@@ -40,11 +39,9 @@ class LargeBatchNetwork(Check):
     criterion += "within 15% of the linearised Lyapunov value at every B"
     control = "fixed eta = 0.05 (no LSR): Tr Xi slope vs B about -1, not > 0"
 
-    def run(self, ctx: Context) -> CheckResult:
-        with single_thread():  # small models: one intra-op thread is fastest and immune to contention
-            return self._run(ctx)
+    single_threaded = True
 
-    def _run(self, ctx: Context) -> CheckResult:
+    def run(self, ctx: Context) -> CheckResult:
         steps, burn, reps = window(ctx)
         bs = ctx.pick([2, 4, 8, 16], [1, 2, 4, 8, 16, 32])
         plan = [("lsr", KAPPA * b, b, "iid") for b in bs] + [

@@ -40,7 +40,7 @@ from verify.topology import mixing_matrix
 
 from .base import Check, CheckResult, Context
 from .registry import register
-from .stationary import run_config, single_thread, time_average
+from .stationary import run_config, time_average
 
 BAR = 0.95
 
@@ -103,11 +103,9 @@ class Uncertainty(Check):
     control = f"isotropic additive noise of equal total variance: cos(Xi, Sigma_g) <= {BAR}"
     expected = "NOT SUPPORTED"
 
-    def run(self, ctx: Context) -> CheckResult:
-        with single_thread():  # small models: one intra-op thread is fastest and immune to contention
-            return self._run(ctx)
+    single_threaded = True
 
-    def _run(self, ctx: Context) -> CheckResult:
+    def run(self, ctx: Context) -> CheckResult:
         m, b, eta, noise, tau2 = 16, 8, 0.02, 0.5, 100.0
         steps, burn = ctx.pick((6000, 1000), (30000, 2000))
         X, y = regression_data(ctx.seed)

@@ -28,7 +28,6 @@ from verify.config import RunConfig
 
 from .base import Check, CheckResult, Context
 from .registry import register
-from .stationary import single_thread
 
 SMALL, LARGE = (8, 0.1), (64, 0.8)  # (local batch, lr): the linear scaling rule
 MARGIN = 0.05
@@ -81,11 +80,9 @@ class LargeBatchGap(Check):
     full_only = True
     expected = "NOT SUPPORTED"
 
-    def run(self, ctx: Context) -> CheckResult:
-        with single_thread():  # small models: one intra-op thread is fastest and immune to contention
-            return self._run(ctx)
+    single_threaded = True
 
-    def _run(self, ctx: Context) -> CheckResult:
+    def run(self, ctx: Context) -> CheckResult:
         steps = ctx.pick(600, 2000)
         seeds = [ctx.seed + k for k in range(3)]
         base = {
