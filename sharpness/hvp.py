@@ -16,7 +16,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from .functional import Batch, FunctionalLoss, Params, SharpnessInputError, make_loss, unflatten
+from .functional import Batch, FunctionalLoss, SharpnessInputError, make_loss, unflatten
 
 #: Largest model for which ``dense()`` agrees to build the full d x d matrix.
 DENSE_LIMIT = 20_000
@@ -196,8 +196,3 @@ class HessianOperator:
 
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
-
-
-def params_dict_like(fl: FunctionalLoss, vec: Tensor) -> Params:
-    """Convenience: a flat vector as a parameter dict shaped like ``fl.params``."""
-    return unflatten(vec, fl.params)
