@@ -46,6 +46,7 @@ class Fake(Check):
     claim = "a claim"
     source = "nowhere"
     status = "derived"
+    evidence = "derived law"
     prediction = "slope 2"
     criterion = "slope in [1.8, 2.2]"
     control = "a control"

@@ -31,10 +31,16 @@ How to write a check (see ``t01_theorem_static.py`` for a complete one)::
 
 The verdict is never set by hand: :meth:`Check.result` applies :func:`decide_verdict`. An asserted check
 passes only if its criterion holds AND its negative control came out the other way; a control that did not
-fail makes the verdict FAIL ("control did not fail: the check cannot discriminate"). A check whose
-measurement contradicts the paper's own reading passes ``paper_reading_supported=False`` and gets
+fail makes the verdict FAIL ("control did not fail: the check cannot discriminate"). A check of an algebraic
+identity declares ``has_control = False`` and a control text starting "identity: no control"; it does not
+pretend to have one. Statistical statements are :class:`verify.claims.evidence.Effect` objects passed as
+``effects=[...]``: each carries its interval, the null and the paper's claimed value, and the verdict follows
+their outcomes (an undecided effect gives INCONCLUSIVE, never NOT SUPPORTED; a precondition that is not
+established gives INCONCLUSIVE whatever else was measured). A check whose measurement contradicts the
+paper's own reading passes ``paper_reading_supported=False`` (or a contradicted ``paper`` effect) and gets
 "NOT SUPPORTED" (its asserted mechanism must still hold, else FAIL). Report-only checks (``asserted =
 False``) get "REPORTED". The runner times ``run`` and turns an exception into a FAIL with the error as note.
+Each check declares ``evidence``, the kind of evidence it gives (one of :data:`EVIDENCE`).
 Heavy or not-yet-stable imports (engine, topology, models) go inside ``run`` so discovery never breaks.
 """
 
@@ -50,8 +56,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .evidence import Effect
+
 STATUSES = ("proven", "argued", "derived", "empirical")
-VERDICTS = ("PASS", "FAIL", "NOT SUPPORTED", "REPORTED")
+VERDICTS = ("PASS", "FAIL", "NOT SUPPORTED", "INCONCLUSIVE", "REPORTED")
+#: what kind of evidence a check gives (the README table's "evidence" column)
+EVIDENCE = ("identity", "theorem at a frozen state", "derived law", "along trajectories", "empirical")
+NO_CONTROL = "identity: no control"
 ID_PATTERN = re.compile(r"^T(\d+)([a-z]*)$")
 NO_DISCRIMINATION = "control did not fail: the check cannot discriminate"
 
@@ -103,13 +114,14 @@ class ControlResult:
 
     description: str
     measured: dict[str, Any]
-    came_out_other_way: bool
+    came_out_other_way: bool | None  # None: an identity, no control
 
     def to_dict(self) -> dict[str, Any]:
+        other = self.came_out_other_way
         return {
             "description": self.description,
             "measured": dict(self.measured),
-            "came_out_other_way": bool(self.came_out_other_way),
+            "came_out_other_way": None if other is None else bool(other),
         }
 
 
@@ -135,6 +147,8 @@ class CheckResult:
     criterion_holds: bool | None = None
     summary: str = ""
     control_summary: str = ""
+    evidence: str = ""
+    effects: list[Effect] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -161,6 +175,8 @@ class CheckResult:
             "criterion_holds": self.criterion_holds,
             "summary": self.summary,
             "control_summary": self.control_summary,
+            "evidence": self.evidence,
+            "effects": [e.to_dict() for e in self.effects],
             "settings": dict(self.settings),
             "notes": list(self.notes),
             "series": sorted(self.series),
@@ -189,25 +205,47 @@ def decide_verdict(
     *,
     asserted: bool,
     criterion_holds: bool,
-    control_came_out_other_way: bool,
+    control_came_out_other_way: bool | None,
     paper_reading_supported: bool | None = None,
+    effects: Iterable[Effect] = (),
 ) -> tuple[str, list[str]]:
     """The verdict rule (the only place a verdict is decided) and the notes that explain it.
 
-    asserted: FAIL unless the criterion holds and the control came out the other way; then NOT SUPPORTED if
-    the paper's reading is contradicted, else PASS. Report-only: NOT SUPPORTED or REPORTED, never FAIL.
+    In order: a ``precondition`` effect that is not supported -> INCONCLUSIVE (the experiment cannot decide).
+    Asserted: FAIL unless the criterion holds, every ``criterion`` effect is supported and the control came
+    out the other way (``None``: an identity without control); a ``criterion`` effect that is undecided ->
+    INCONCLUSIVE (no power), contradicted -> FAIL. Then the paper's reading: a contradicted ``paper`` effect
+    or ``paper_reading_supported=False`` -> NOT SUPPORTED; an undecided one -> INCONCLUSIVE; else PASS.
+    Report-only checks: NOT SUPPORTED / INCONCLUSIVE by the same effects, else REPORTED, never FAIL.
     """
-    notes: list[str] = []
-    if not control_came_out_other_way:
-        notes.append(NO_DISCRIMINATION)
-    if asserted and not criterion_holds:
+    effects = list(effects)
+    by_role = {
+        role: [e for e in effects if e.role == role] for role in ("precondition", "criterion", "paper")
+    }
+    notes: list[str] = [f"{e.role}: {e.text()}" for e in effects]
+    absent = [e for e in by_role["precondition"] if e.outcome != "supported"]
+    if absent:
+        notes.insert(0, "precondition absent: " + "; ".join(e.name for e in absent))
+        return "INCONCLUSIVE", notes
+    if control_came_out_other_way is False:
+        notes.insert(0, NO_DISCRIMINATION)
+    crit = [e.outcome for e in by_role["criterion"]]
+    holds = criterion_holds and "contradicted" not in crit
+    if asserted and not holds:
         notes.insert(0, "criterion not met")
     if paper_reading_supported is False:
         notes.append("the measurement does not support the paper's reading of this claim")
-    if asserted and not (criterion_holds and control_came_out_other_way):
+    if asserted and not (holds and control_came_out_other_way is not False):
         return "FAIL", notes
-    if paper_reading_supported is False:
+    if asserted and "undecided" in crit:
+        notes.insert(0, "criterion undecided: the interval contains both no effect and the predicted one")
+        return "INCONCLUSIVE", notes
+    paper = [e.outcome for e in by_role["paper"]]
+    if paper_reading_supported is False or "contradicted" in paper:
         return "NOT SUPPORTED", notes
+    if "undecided" in paper:
+        notes.insert(0, "no power: an interval contains both no effect and the paper's claimed effect")
+        return "INCONCLUSIVE", notes
     return ("PASS" if asserted else "REPORTED"), notes
 
 
@@ -222,7 +260,10 @@ class Check:
     prediction: ClassVar[str] = ""
     criterion: ClassVar[str] = ""
     control: ClassVar[str] = ""
+    evidence: ClassVar[str] = ""
     asserted: ClassVar[bool] = True
+    #: False for an algebraic identity: the control text starts with NO_CONTROL and no control is run
+    has_control: ClassVar[bool] = True
     full_only: ClassVar[bool] = False
     #: run with one intra-op torch thread (small models: extra threads only add synchronisation; on a busy
     #: 2-core machine 2 threads made the network checks 10-15x slower). The runner applies it.
@@ -245,8 +286,15 @@ class Check:
                 raise ClaimsError(f"{cls.id}: class attribute {attr!r} must be a non-empty string")
         if cls.status not in STATUSES:
             raise ClaimsError(f"{cls.id}: status must be one of {STATUSES}, got {cls.status!r}")
+        if cls.evidence not in EVIDENCE:
+            raise ClaimsError(f"{cls.id}: evidence must be one of {EVIDENCE}, got {cls.evidence!r}")
+        if cls.has_control == cls.control.startswith(NO_CONTROL):
+            raise ClaimsError(
+                f"{cls.id}: a check without a control (has_control = False) says {NO_CONTROL!r} in its "
+                "control text, and only such a check does"
+            )
         if cls.expected_verdict() not in VERDICTS or cls.expected_verdict() == "FAIL":
-            raise ClaimsError(f"{cls.id}: expected must be PASS, NOT SUPPORTED or REPORTED")
+            raise ClaimsError(f"{cls.id}: expected must be a verdict other than FAIL")
 
     def run(self, ctx: Context) -> CheckResult:
         """Run the protocol (quick or full per ``ctx``) and return :meth:`result`."""
@@ -257,21 +305,33 @@ class Check:
         *,
         measured: Mapping[str, Any],
         criterion_holds: bool,
-        control_measured: Mapping[str, Any],
-        control_came_out_other_way: bool,
+        control_measured: Mapping[str, Any] | None = None,
+        control_came_out_other_way: bool | None = None,
         settings: Mapping[str, Any] | None = None,
         series: Mapping[str, Mapping[str, Any]] | None = None,
         notes: Iterable[str] = (),
         summary: str = "",
         control_summary: str = "",
         paper_reading_supported: bool | None = None,
+        effects: Iterable[Effect] = (),
     ) -> CheckResult:
-        """Assemble the :class:`CheckResult`, deciding the verdict with :func:`decide_verdict`."""
+        """Assemble the :class:`CheckResult`, deciding the verdict with :func:`decide_verdict`.
+
+        A check with a control must pass ``control_came_out_other_way`` (a bool); an identity
+        (``has_control = False``) must not.
+        """
+        if self.has_control == (control_came_out_other_way is None):
+            raise ClaimsError(
+                f"{self.id}: control_came_out_other_way is required exactly when the check has a control"
+            )
+        other = None if control_came_out_other_way is None else bool(control_came_out_other_way)
+        effects = list(effects)
         verdict, why = decide_verdict(
             asserted=self.asserted,
             criterion_holds=bool(criterion_holds),
-            control_came_out_other_way=bool(control_came_out_other_way),
+            control_came_out_other_way=other,
             paper_reading_supported=paper_reading_supported,
+            effects=effects,
         )
         return CheckResult(
             id=self.id,
@@ -282,7 +342,7 @@ class Check:
             prediction=self.prediction,
             measured=_plain(measured),
             criterion=self.criterion,
-            control=ControlResult(self.control, _plain(control_measured), bool(control_came_out_other_way)),
+            control=ControlResult(self.control, _plain(control_measured or {}), other),
             verdict=verdict,
             series={k: dict(v) for k, v in (series or {}).items()},
             notes=why + list(notes),
@@ -291,6 +351,8 @@ class Check:
             criterion_holds=bool(criterion_holds),
             summary=summary,
             control_summary=control_summary,
+            evidence=self.evidence,
+            effects=effects,
         )
 
 

@@ -20,7 +20,14 @@ from sharpness.results import atomic_write_text, jsonable, write_json
 from .base import CheckResult, fmt
 
 #: (header, share of the free width) for the terminal table; ID and verdict have fixed widths.
-_COLUMNS = (("claim", 17), ("prediction", 15), ("measured", 20), ("criterion", 17), ("control", 14))
+_COLUMNS = (
+    ("claim", 15),
+    ("evidence", 9),
+    ("prediction", 13),
+    ("measured", 20),
+    ("criterion", 15),
+    ("control", 13),
+)
 
 
 def series_filename(check_id: str, name: str) -> str:
@@ -47,15 +54,34 @@ def measured_text(values: Mapping[str, Any], limit: int = 4) -> str:
 
 def control_text(r: CheckResult) -> str:
     """Short text for the control column: did it fail as it must, and what it measured."""
+    if r.control.came_out_other_way is None:
+        return r.control.description
     head = "failed, as required" if r.control.came_out_other_way else "DID NOT FAIL"
     return f"{head}: {r.control_summary or measured_text(r.control.measured, 3)}"
+
+
+def effects_text(r: CheckResult) -> str:
+    """Each effect as ``name est [low, high], MDE m: outcome`` (empty when the check has none)."""
+    return "; ".join(
+        f"{e.name} {fmt(e.interval.estimate)} [{fmt(e.interval.low)}, {fmt(e.interval.high)}], "
+        f"MDE {fmt(e.mde)}: {e.outcome}"
+        for e in r.effects
+    )
+
+
+def measured_cell(r: CheckResult) -> str:
+    """The measured column: the check's summary, then its effects with their intervals."""
+    text = r.summary or measured_text(r.measured)
+    extra = effects_text(r)
+    return f"{text}; {extra}" if extra and text else (text or extra)
 
 
 def _cells(r: CheckResult) -> list[str]:
     return [
         r.title or r.claim,
+        r.evidence,
         r.prediction,
-        r.summary or measured_text(r.measured),
+        measured_cell(r),
         r.criterion,
         control_text(r),
     ]
@@ -63,7 +89,7 @@ def _cells(r: CheckResult) -> list[str]:
 
 def format_table(results: Sequence[CheckResult], width: int = 100) -> str:
     """Plain-text table (ID, claim, prediction, measured, criterion, control, verdict) ``width`` wide."""
-    id_w, verdict_w, sep = 4, 9, "  "
+    id_w, verdict_w, sep = 4, 12, "  "
     free = width - id_w - verdict_w - len(sep) * (len(_COLUMNS) + 1)
     total = sum(share for _, share in _COLUMNS)
     widths = [max(6, free * share // total) for _, share in _COLUMNS]
@@ -88,7 +114,9 @@ def format_table(results: Sequence[CheckResult], width: int = 100) -> str:
         out.append("")
     n_fail = sum(r.verdict == "FAIL" for r in results)
     seconds = sum(r.seconds for r in results)
-    counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "NOT SUPPORTED", "REPORTED")}
+    counts = {
+        v: sum(r.verdict == v for r in results) for v in ("PASS", "NOT SUPPORTED", "INCONCLUSIVE", "REPORTED")
+    }
     tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     out.append(f"{len(results)} checks: {tally}{', ' if tally else ''}{n_fail} FAIL; {seconds:.1f} s")
     return "\n".join(out)
@@ -114,15 +142,17 @@ def render_markdown(results: Sequence[CheckResult], settings: Mapping[str, Any])
     lines.append(
         "Settings: " + ", ".join(f"`{k}` = {_md_escape(str(jsonable(v)))}" for k, v in settings.items())
     )
-    lines += ["", "| ID | claim | status | prediction | measured | criterion | control | verdict | s |"]
+    lines += ["", "| ID | claim | evidence | prediction | measured | criterion | control | verdict | s |"]
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cells = [r.id] + [_md_escape(c) for c in _cells(r)]
-        cells.insert(2, r.status)
         lines.append("| " + " | ".join(cells + [f"**{r.verdict}**", f"{r.seconds:.1f}"]) + " |")
     for r in results:
         lines += ["", f"## {r.id}: {r.title}", "", f"**Claim.** {r.claim}", ""]
-        lines.append(f"**Source.** {r.source}. **Status:** {r.status}. **Asserted:** {r.asserted}.")
+        lines.append(
+            f"**Source.** {r.source}. **Status:** {r.status}. **Evidence:** {r.evidence}. "
+            f"**Asserted:** {r.asserted}."
+        )
         lines += ["", f"**Prediction.** {r.prediction}", "", f"**Criterion.** {r.criterion}", ""]
         if r.settings:
             protocol = ", ".join(f"`{k}` = {jsonable(v)}" for k, v in r.settings.items())
@@ -130,6 +160,17 @@ def render_markdown(results: Sequence[CheckResult], settings: Mapping[str, Any])
             lines.append("")
         lines += ["| measured | value |", "|---|---|"]
         lines += [f"| {k} | {_md_escape(fmt(v))} |" for k, v in r.measured.items()]
+        if r.effects:
+            lines += ["", "| effect (role) | estimate | 95% interval | method | MDE | claimed | outcome |"]
+            lines.append("|---|---|---|---|---|---|---|")
+            for e in r.effects:
+                iv = e.interval
+                lines.append(
+                    f"| {_md_escape(e.name)} ({e.role}) | {fmt(iv.estimate)} "
+                    f"| [{fmt(iv.low)}, {fmt(iv.high)}] "
+                    f"| {_md_escape(iv.method)} | {fmt(e.mde)} | {fmt(e.claimed)} ({_md_escape(e.source)}) "
+                    f"| {e.outcome} |"
+                )
         lines += ["", f"**Negative control.** {r.control.description}", ""]
         lines += ["| control measured | value |", "|---|---|"]
         lines += [f"| {k} | {_md_escape(fmt(v))} |" for k, v in r.control.measured.items()]

@@ -90,6 +90,7 @@ def execute(cls: type[Check], ctx: Context) -> CheckResult:
             verdict="FAIL",
             notes=[f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"],
             asserted=cls.asserted,
+            evidence=cls.evidence,
         )
     result.seconds = time.perf_counter() - start
     return result

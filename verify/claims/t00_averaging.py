@@ -36,6 +36,7 @@ class ExactAveraging(Check):
     )
     source = "[I] Eq. (4); poster proof idea [P] (sign corrected); paper.md s.1, s.3 P1, s.6 T0"
     status = "proven"
+    evidence = "identity"
     prediction = "error at machine precision for every doubly stochastic P"
     criterion = "max error < 1e-12 over ring, grid, exponential, complete and every gossip implementation"
     control = "row-stochastic, non-column-stochastic P: error > 1e-3 and verify.topology.validate refuses P"

@@ -59,6 +59,7 @@ class TheoremStatic(Check):
     )
     source = "ICML main theorem [P]; paper.md s.2.1 (sharper truth), s.3 P2/P3, s.6 T1"
     status = "proven"
+    evidence = "theorem at a frozen state"
     prediction = "drift ~ s^2; residual ~ s^3 (s^4 if +-symmetric)"
     criterion = (
         "drift slope in [1.8, 2.2]; residual slope >= 2.7; residual/drift < 1e-2 at the smallest s; "

@@ -145,6 +145,7 @@ class MlpTaylor(Check):
     )
     source = "ICML main theorem, proof idea [P]; [I] Eq. (5); paper.md s.2.1, s.6 T1b"
     status = "proven"
+    evidence = "theorem at a frozen state"
     prediction = "drift ~ s^2; drift - 1/2 grad Tr(H Xi) ~ s^3"
     criterion = "drift slope in [1.8, 2.2]; residual slope >= 2.7; T-contraction = Clairaut gradient to 1e-10"
     control = "plain SGD direction (1/2 grad Tr(H Xi) replaced by 0): residual slope < 2.3"
@@ -194,6 +195,7 @@ class DigitsTaylor(Check):
     )
     source = "ICML main theorem [P]; paper.md s.2.1, s.6 T1b (here on real data, issue 5)"
     status = "proven"
+    evidence = "theorem at a frozen state"
     prediction = "drift ~ s^2; drift - 1/2 grad Tr(H Xi) ~ s^3"
     criterion = "drift slope in [1.8, 2.2]; residual slope >= 2.7; T-contraction = Clairaut gradient to 1e-10"
     control = "plain SGD direction (1/2 grad Tr(H Xi) replaced by 0): residual slope < 2.3"

@@ -71,6 +71,7 @@ class LossDecomposition(Check):
     )
     source = "poster sharpness-regularization reading [P]; [I] Eq. (3); paper.md s.2.1, s.3 P4, s.6 T4"
     status = "proven"
+    evidence = "theorem at a frozen state"
     prediction = "E L(w+eps) - L(w) ~ s^2; minus 1/2 Tr(H Xi) ~ s^4"
     criterion = (
         "regulariser slope in [1.8, 2.2]; residual slope >= 3.7; HVP Tr(H Xi) = dense value to 1e-10 "

@@ -55,6 +55,7 @@ class Trajectory(Check):
     )
     source = "ICML main theorem [P]; paper.md s.2.1, s.3 P5, s.6 T5"
     status = "proven"
+    evidence = "along trajectories"
     prediction = "median r(t) ~ eta^1 (r = O(sqrt Tr Xi), Tr Xi ~ eta^2)"
     criterion = "slope of median r vs eta in [0.7, 1.5]; median r at the smallest eta < 0.05"
     control = "isotropic N(0, (Tr Xi/d) I) surrogate: fails (ratio O(1), not falling with eta)"

@@ -43,6 +43,7 @@ class ConsensusScaling(Check):
     )
     source = "[I] Th. 2 (bound form); paper.md s.3 P6a-P6d and 'Exact stationary consensus distance', s.6 T6"
     status = "derived"
+    evidence = "derived law"
     prediction = "Tr Xi = Lyapunov value; eta-slope ~2 (bent), b-slope -1, complete<exp<grid<ring, ring ~m"
     criterion = (
         "every run within 10% of the Lyapunov value; eta-slope in [1.7, 2.1]; b-slope in [-1.15, -0.85]; "

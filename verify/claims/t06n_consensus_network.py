@@ -41,6 +41,7 @@ class ConsensusNetwork(Check):
     claim += "falls like 1/b, as the linearised stationary (Lyapunov) analysis predicts."
     source = "[I] Th. 2 (bound form); paper.md s.3 P6a/P6b, 'Exact stationary consensus distance'; s.6 T6"
     status = "derived"
+    evidence = "derived law"
     prediction = "Tr Xi = linearised Lyapunov value; eta-slope ~2 (bent), b-slope -1"
     criterion = "every run within 15% of the linearised Lyapunov value; eta-slope in [1.7, 2.1]; b-slope in "
     criterion += "[-1.15, -0.85]"

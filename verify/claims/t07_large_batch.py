@@ -53,6 +53,7 @@ class LargeBatch(Check):
     )
     source = "abstract [A]; [I] Th. 2; paper.md s.2.3 item 4, s.3 P7, s.6 T7"
     status = "derived"
+    evidence = "derived law"
     prediction = "D-SGD Tr Xi, 1/2 Tr(H Xi) ~ B^+1 (bent); C-SGD excess loss ~ B^0 = (eta/4B) Tr Sigma"
     criterion = (
         "D-SGD Tr Xi and 1/2 Tr(H Xi) slopes vs B in [0.6, 1.2]; every D-SGD run within 10% of the Lyapunov "

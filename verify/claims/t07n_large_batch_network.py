@@ -34,6 +34,7 @@ class LargeBatchNetwork(Check):
     claim += "1/2 Tr(H Xi) grow with the total batch under the linear scaling rule."
     source = "abstract [A]; [I] Th. 2; paper.md s.2.3 item 4, s.3 P7, s.6 T7"
     status = "derived"
+    evidence = "derived law"
     prediction = "Tr Xi, 1/2 Tr(H Xi) ~ B^+1 (bent by curvature); fixed eta: ~ B^-1"
     criterion = "Tr Xi and 1/2 Tr(H Xi) slopes vs B > 0 and within 0.2 of the linearised prediction; Tr Xi "
     criterion += "within 15% of the linearised Lyapunov value at every B"

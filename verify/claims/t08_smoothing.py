@@ -66,6 +66,7 @@ class GradientSmoothing(Check):
     )
     source = "abstract [A] (gradient smoothing); constant derived [D]; paper.md s.2.3(3), s.3 P8, s.6 T8"
     status = "argued"
+    evidence = "derived law"
     prediction = "beta(sigma) ~ 1/sigma, below the bound"
     criterion = (
         "single-kink slope of beta vs sigma in [-1.15, -0.85]; beta <= bound at every sample (1 and 15 "

@@ -86,6 +86,7 @@ class Tradeoff(Check):
     )
     source = "ICML poster [P]; abstract [A]; paper.md s.2.3 item 1, s.3 P9, s.6 T9"
     status = "argued"
+    evidence = "derived law"
     prediction = (
         "1/2 Tr(H Xi) and L(w_a) - L* increase with Tr Xi; w_bar_a closer to argmin L_Xi than argmin L"
     )

@@ -96,6 +96,7 @@ class Uncertainty(Check):
     )
     source = "ICML poster [P] ('Xi(t) ~ Sigma_q'); abstract [A]; paper.md s.2.3 item 2, s.3 P10, s.6 T10"
     status = "argued"
+    evidence = "empirical"
     prediction = "paper: Xi ~ Sigma_post; derivation: Xi ~ gradient-noise covariance (~ H, not H^-1)"
     criterion = (
         f"mechanism asserted: cos(Xi, Sigma_g) > {BAR}; paper's reading needs cos(Xi, Sigma_post) > {BAR}"

@@ -71,6 +71,7 @@ class LargeBatchGap(Check):
     )
     source = "abstract [A]; official CSVs [C]; paper.md s.3 P11, s.4.3, s.6 T11"
     status = "empirical"
+    evidence = "empirical"
     prediction = "at large B: lambda_max(D) < lambda_max(C), test acc(D) > test acc(C), more than at small B"
     criterion = (
         f"lambda_max(D) <= {1 - MARGIN:.2f} lambda_max(C) at the large batch, and D/C ratio smaller than at "

@@ -56,6 +56,7 @@ class GrandsumSign(Check):
     )
     source = "[I] Theorem 3, Definition 3, Proposition 4 (ICML presence unverified); paper.md s.2.2, s.3 P12"
     status = "proven"
+    evidence = "theorem at a frozen state"
     prediction = "sign = sign(p - 2); exactly 0 for p = 2"
     criterion = (
         "sign(grandsum) = sign(p - 2) at every point; exactly 0 for p = 2; autograd = closed form to 1e-10"
