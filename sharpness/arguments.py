@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure with BatchNorm batch statistics and dropout on "
         "(default: eval mode, running statistics); stated in the output",
     )
+    a(
+        "--graph-memory",
+        default="auto",
+        metavar="BYTES",
+        help="memory the cached gradient graphs may take (one per batch), e.g. 2G; beyond it each batch's "
+        "graph is rebuilt per HVP and freed (streamed); 0 streams all (default auto: a quarter of the free "
+        "RAM / GPU memory)",
+    )
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     a("--seed", type=int, default=0, help="seed of every random probe, direction and subset (default 0)")
     a(

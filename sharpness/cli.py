@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data import load_dataset
     from .evaluate import loss_at
-    from .inputs import accuracy, check_finite_loss, check_fit, loss_function
+    from .inputs import accuracy, batch_statistics_note, check_finite_loss, check_fit, loss_function
+    from .memory import describe_products, parse_budget
     from .report import parse_metrics, run_report, select_metrics
     from .table import format_table, report_json
 
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         rhos=list(args.rhos),
         seed=args.seed,
         train_mode=args.train_mode,
+        graph_memory=parse_budget(args.graph_memory, device),
     )
     rep = run_report(
         model,
@@ -143,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
         accuracy=lambda: accuracy(model, batches, train_mode=args.train_mode),
     )
     rep.skipped.update(skipped)
-    header = _header(args, info, data, device)
+    header = _header(args, info, data, device) + [("HVPs", describe_products(rep.products))]
+    bn_note = batch_statistics_note(model, args.train_mode, len(batches))
+    if bn_note:
+        header.append(("note", bn_note))
     print(format_table(header, rep), flush=True)
     plots: dict[str, Any] = {}
     if args.plot:
@@ -181,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             },
             "loss": args.loss,
             "bn_mode": "train" if args.train_mode else "eval",
+            "bn_note": bn_note,
             "seed": args.seed,
             "settings": {
                 **vars(settings),

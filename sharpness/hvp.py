@@ -9,6 +9,7 @@ differentiation, or double backward), never finite differences. Every other curv
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError, make_loss, unflatten
+from .memory import graph_bytes, parse_budget
 
 #: Largest model for which ``dense()`` agrees to build the full d x d matrix.
 DENSE_LIMIT = 20_000
@@ -47,8 +49,15 @@ class HessianOperator:
     runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA).
     ``hvp_count`` counts vectors multiplied.
 
-    ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``) or
-    ``"autograd"`` (double backward with ``is_grads_batched`` on a gradient graph built once and reused).
+    ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``, nothing
+    kept between products) or ``"autograd"`` (double backward with ``is_grads_batched`` on the graph of
+    ``grad L_b``).
+
+    ``graph_memory`` (autograd backend): bytes the cached gradient graphs may take (``"auto"``: a quarter of
+    the free RAM / GPU memory, see :mod:`sharpness.memory`; ``0``: stream). Batches are cached in order while
+    their graphs fit; every later batch is streamed: its graph is rebuilt for each block of products and
+    freed at once (cost per product: one extra gradient of that batch), so memory stays bounded by the
+    budget plus one batch's graph whatever the number of batches. :meth:`graph_info` says what was done.
     """
 
     def __init__(
@@ -62,6 +71,7 @@ class HessianOperator:
         device: str | torch.device | None = None,
         backend: str = "autograd",
         chunk: int | None = None,
+        graph_memory: int | float | str | None = "auto",
     ) -> None:
         if backend not in ("func", "autograd"):
             raise SharpnessInputError(f"backend must be 'func' or 'autograd', not {backend!r}")
@@ -77,6 +87,9 @@ class HessianOperator:
         self.hvp_count = 0
         self.grad_count = 0
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
+        self.graph_budget = parse_budget(graph_memory, self.fl.device)
+        self.graph_cached_bytes = 0
+        self.graph_cached_batches: int | None = None
 
     # ----------------------------------------------------------------- basics
     @property
@@ -142,28 +155,72 @@ class HessianOperator:
             total = w * hv if total is None else total + w * hv
         return total.detach()  # type: ignore[union-attr]
 
+    def _graph(self, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """``(t, grad L_b(t))`` with the graph of the gradient kept (one gradient)."""
+        t = self.theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        return t, g
+
     def _gradient_graphs(self) -> list[tuple[float, Tensor, Tensor]]:
-        """One differentiable gradient per batch, built once and reused by every product."""
+        """The cached graphs: batches in order while the total stays within ``graph_budget`` (built once,
+        reused by every product). The first batch that does not fit is dropped and streamed, like the rest."""
         if self._graphs is None:
-            graphs = []
+            graphs: list[tuple[float, Tensor, Tensor]] = []
+            used = 0
             for w, f in self._flat_terms():
-                t = self.theta.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+                if used >= self.graph_budget:
+                    break
+                with graph_bytes(self.device) as size:
+                    t, g = self._graph(f)
+                if used + size() > self.graph_budget:
+                    del t, g
+                    break
+                used += size()
                 graphs.append((w, t, g))
-            self._graphs = graphs
+            self._graphs, self.graph_cached_bytes, self.graph_cached_batches = graphs, used, len(graphs)
         return self._graphs
+
+    @staticmethod
+    def _backward(t: Tensor, g: Tensor, rows: Tensor, retain: bool) -> Tensor:
+        if rows.shape[0] == 1:
+            (hv,) = torch.autograd.grad(g, t, grad_outputs=rows[0], retain_graph=retain)
+            return hv.unsqueeze(0)
+        (hv,) = torch.autograd.grad(g, t, grad_outputs=rows, retain_graph=retain, is_grads_batched=True)
+        return hv
 
     def _hvp_autograd(self, rows: Tensor) -> Tensor:
         total = None
-        for w, t, g in self._gradient_graphs():
-            if rows.shape[0] == 1:
-                (hv,) = torch.autograd.grad(g, t, grad_outputs=rows[0], retain_graph=True)
-                hv = hv.unsqueeze(0)
-            else:
-                (hv,) = torch.autograd.grad(g, t, grad_outputs=rows, retain_graph=True, is_grads_batched=True)
-            total = w * hv if total is None else total + w * hv
+        cached = self._gradient_graphs()
+        for w, t, g in cached:
+            hv = w * self._backward(t, g, rows, True)
+            total = hv if total is None else total + hv
+        for w, f in self._flat_terms()[len(cached) :]:  # streamed: rebuilt, used once, freed
+            t, g = self._graph(f)
+            hv = w * self._backward(t, g, rows, False)
+            del t, g
+            total = hv if total is None else total + hv
         return total.detach()  # type: ignore[union-attr]
+
+    def graph_info(self) -> dict[str, Any]:
+        """How the products were formed: ``mode`` (cached / streamed / mixed / func), batches cached and
+        streamed, the budget and the bytes the cached graphs hold."""
+        n = len(self.fl.terms())
+        if self.backend == "func":
+            return {"mode": "func", "batches": n, "cached": 0, "streamed": n, "budget_bytes": None}
+        cached = self.graph_cached_batches
+        if cached is None:
+            mode = "not built"
+        else:
+            mode = "cached" if cached == n else "streamed" if cached == 0 else "mixed"
+        return {
+            "mode": mode,
+            "batches": n,
+            "cached": cached,
+            "streamed": None if cached is None else n - cached,
+            "budget_bytes": self.graph_budget,
+            "cached_bytes": self.graph_cached_bytes,
+        }
 
     def release(self) -> None:
         """Free the cached gradient graphs (the autograd backend keeps them between calls)."""

@@ -114,3 +114,17 @@ def check_finite_loss(value: float, where: str) -> None:
             f"the loss at {where} is {value} (NaN/inf): the weights, the data or the model's outputs "
             "are not finite"
         )
+
+
+def batch_statistics_note(model: nn.Module, train_mode: bool, n_batches: int) -> str | None:
+    """A warning when the measured function depends on how the data is batched: BatchNorm in train mode over
+    several batches normalises each batch by its own statistics, so ``L = sum_b w_b L_b`` (and its Hessian)
+    changes with the batch size. ``None`` when it does not apply."""
+    if not train_mode or n_batches < 2:
+        return None
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    return (
+        f"BatchNorm in train mode over {n_batches} batches: each batch is normalised by its own statistics, "
+        "so L and H are those of this batch size (change --batch-size, change the function)"
+    )

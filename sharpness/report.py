@@ -53,6 +53,7 @@ class ReportSettings:
     density_steps: int = 80
     seed: int = 0
     train_mode: bool = False
+    graph_memory: int | str | None = "auto"
 
 
 def parse_metrics(text: str | None, per_layer: bool = False) -> list[str] | None:
@@ -129,7 +130,7 @@ def run_report(
     """
     s, rep, bar = settings, Report(), Progress(progress)
     fl = make_loss(model, loss_fn, batches, train_mode=s.train_mode)
-    op = ProgressOperator(fl)
+    op = ProgressOperator(fl, graph_memory=s.graph_memory)
     op.progress = bar
     op.train_mode = s.train_mode
     seed, tm = s.seed, s.train_mode
@@ -264,6 +265,7 @@ def run_report(
     if "layers" in want:
         rep.results["layers"] = _layer_traces(model, loss_fn, batches, s, bar, rep)
     op.release()
+    rep.products = op.graph_info()
     return rep
 
 
@@ -272,7 +274,7 @@ def _layer_traces(model, loss_fn, batches, s: ReportSettings, bar: Progress, rep
     total, total_var = 0.0, 0.0
     for layer, names in layer_groups(model).items():
         flx = make_loss(model, loss_fn, batches, params=layer, train_mode=s.train_mode, check=False)
-        opx = ProgressOperator(flx)
+        opx = ProgressOperator(flx, graph_memory=s.graph_memory)
         opx.progress, opx.train_mode = bar, s.train_mode
         t0 = time.perf_counter()
         with bar.task(f"trace {layer}", s.probes, "HVP"):

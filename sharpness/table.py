@@ -33,6 +33,7 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     eigenvectors: torch.Tensor | None = None
+    products: dict[str, Any] = field(default_factory=dict)
 
 
 def fmt_value(x: float | None, sig: int = 5) -> str:
@@ -71,4 +72,11 @@ def format_table(header: list[tuple[str, str]], report: Report) -> str:
 
 def report_json(report: Report) -> dict[str, Any]:
     """JSON-ready metric results, skipped metrics and timings."""
-    return jsonable({"metrics": report.results, "skipped": report.skipped, "timings_s": report.timings})
+    return jsonable(
+        {
+            "metrics": report.results,
+            "skipped": report.skipped,
+            "timings_s": report.timings,
+            "hvp_products": report.products,
+        }
+    )
