@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         "graph is rebuilt per HVP and freed (streamed); 0 streams all (default auto: a quarter of the free "
         "RAM / GPU memory)",
     )
+    a(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="under torchrun: seconds a rank waits for the others in a collective before it fails, naming "
+        "the rank that died or hung (default 300)",
+    )
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     a("--seed", type=int, default=0, help="seed of every random probe, direction and subset (default 0)")
     a(

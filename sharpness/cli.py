@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .arguments import build_parser
 from .functional import SharpnessInputError, make_loss, resolve_device
+from .parallel import DistributedSharpnessError, cli_done, cli_ranks, describe
 from .report import ReportSettings
 
 
@@ -33,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     threads = torch.get_num_threads()
+    status = 1
     try:
-        return run(args)
+        status = run(args)
+        return status
+    except DistributedSharpnessError as exc:
+        print(f"sharpness: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `sharpness ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
         return 0
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         torch.set_num_threads(threads)  # --demo lowers it; leave a calling process as it was
+        cli_done(getattr(args, "ranks", None), ok=status == 0)
 
 
 def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     device = resolve_device(args.device)
+    args.ranks, device = cli_ranks(args, device)  # under torchrun: this rank's share of the batches
     if args.demo:
         from .demo import DEFAULT_DEMO_PATH, train_demo
 
@@ -119,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     )
     loss_fn = loss_function(args.loss, outputs)
     batches = data.batches(args.batch_size)
+    n_batches = len(batches)
+    if args.ranks is not None:
+        batches = args.ranks.shard(batches)
     fl = make_loss(model, loss_fn, batches, train_mode=args.train_mode, check=False)
     check_finite_loss(loss_at(fl, fl.flat_params()), f"checkpoint {args.checkpoint}")
     del fl
@@ -146,9 +157,13 @@ def run(args: argparse.Namespace) -> int:
     )
     rep.skipped.update(skipped)
     header = _header(args, info, data, device) + [("HVPs", describe_products(rep.products))]
-    bn_note = batch_statistics_note(model, args.train_mode, len(batches))
+    bn_note = batch_statistics_note(model, args.train_mode, n_batches)
     if bn_note:
         header.append(("note", bn_note))
+    if args.ranks is not None:
+        split = describe(args.ranks, n_batches)
+        header.append(("ranks", f"{split['world']} processes ({split['backend']}), batches per rank "
+                       f"{split['batches_per_rank']}, one all_reduce per product"))  # fmt: skip
     print(format_table(header, rep), flush=True)
     plots: dict[str, Any] = {}
     if args.plot:
@@ -187,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             "loss": args.loss,
             "bn_mode": "train" if args.train_mode else "eval",
             "bn_note": bn_note,
+            "data_parallel": describe(args.ranks, n_batches),
             "seed": args.seed,
             "settings": {
                 **vars(settings),

@@ -54,6 +54,9 @@ def prepare(
             "num_batches": len(fl.terms()),
         }
     )
+    if fl.parallel is not None:  # the batches of all ranks, and how many ranks hold them
+        settings["num_batches"] = int(fl.parallel.sum_float(len(fl.terms()), "the count of batches"))
+        settings["ranks"] = fl.parallel.world
     settings.update(extra)
     return fl, settings
 
@@ -66,7 +69,8 @@ def default_chunk(fl: FunctionalLoss) -> int:
 def loss_at(fl: FunctionalLoss, theta: Tensor) -> float:
     """``L(theta)`` for one flat vector. Cost: one forward pass per batch."""
     with torch.no_grad():
-        return float(fl.loss(fl.unflatten(theta.to(device=fl.device, dtype=fl.dtype))))
+        value = fl.loss(fl.unflatten(theta.to(device=fl.device, dtype=fl.dtype))).reshape(1)
+        return float(fl.allsum(value, "a loss value")[0])
 
 
 def loss_values(fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None) -> Tensor:
@@ -95,7 +99,7 @@ def loss_values(fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None)
                     vmappable = False
             out.append(torch.stack([flat(t).reshape(()) for t in block]))
     values = torch.cat(out) if out else points.new_zeros(0)
-    return values.detach()
+    return fl.allsum(values.detach(), "a block of loss values")
 
 
 def value_and_grad(fl: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
@@ -110,4 +114,7 @@ def value_and_grad(fl: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
             (gb,) = torch.autograd.grad(loss, t)
         value += w * float(loss.detach())
         g += w * gb
+    if fl.parallel is not None:  # one all_reduce for the value and the gradient
+        both = fl.allsum(torch.cat([g.new_tensor([value]), g]), "a gradient")
+        value, g = float(both[0]), both[1:]
     return value, g

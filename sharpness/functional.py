@@ -14,10 +14,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .parallel import DataParallel, resolve
 
 Batch = tuple[Tensor, Tensor]
 Params = dict[str, Tensor]
@@ -102,12 +105,20 @@ class FunctionalLoss:
     """A scalar function of a parameter dict, with the point ``params`` where it is measured.
 
     ``loss(params)`` is pure: it does not change any tensor it is given.
+
+    ``parallel``: when the data is split across ranks (:mod:`sharpness.parallel`), ``loss`` and the terms are
+    this rank's weighted part of ``L``; :meth:`allsum` adds the parts of all ranks (identity otherwise).
     """
 
     loss: Callable[[Params], Tensor]
     params: Params
     batch_losses: list[Callable[[Params], Tensor]] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    parallel: DataParallel | None = None
+
+    def allsum(self, x: Tensor, what: str = "the sum over ranks") -> Tensor:
+        """``x`` summed over the ranks holding the data (one ``all_reduce``); ``x`` itself in one process."""
+        return x if self.parallel is None else self.parallel.sum(x, what)
 
     @property
     def num_params(self) -> int:
@@ -159,6 +170,7 @@ def make_loss(
     train_mode: bool = False,
     device: str | torch.device | None = None,
     check: bool = True,
+    group: Any = None,
 ) -> FunctionalLoss:
     """Turn ``(model, loss_fn, data)`` into a :class:`FunctionalLoss` at the model's current weights.
 
@@ -166,6 +178,11 @@ def make_loss(
     buffers are frozen at their current values. In eval mode (default) BatchNorm uses running statistics and
     dropout is off; in train mode BatchNorm uses batch statistics (its running buffers are updated on
     throw-away copies, never on the model). Cost of construction: one forward pass per batch (``check``).
+
+    ``group``: a ``torch.distributed`` process group (or a :class:`~sharpness.parallel.DataParallel`) whose
+    ranks each pass their own share of the data; ``N = sum_b n_b`` is then summed over the ranks, and every
+    measurement adds the ranks' parts (see :mod:`sharpness.parallel`). ``None``: the group made active by
+    :func:`~sharpness.parallel.data_parallel`, or a single process.
     """
     dev = resolve_device(device, model)
     batches = [(x.to(dev), y.to(dev)) for x, y in as_batches(data)]
@@ -177,7 +194,8 @@ def make_loss(
     frozen = {n: t for n, t in state.items() if n not in theta}
     buffer_names = {n for n, _ in model.named_buffers()}
     sizes = [x.shape[0] for x, _ in batches]
-    total = float(sum(sizes))
+    dp = resolve(group)
+    total = float(sum(sizes)) if dp is None else dp.sum_float(sum(sizes), "the count of samples")
 
     def batch_loss(batch: Batch) -> Callable[[Params], Tensor]:
         x, y = batch
@@ -199,7 +217,7 @@ def make_loss(
     def loss(p: Params) -> Tensor:
         return sum(w * f(p) for w, f in zip(weights, terms, strict=True))  # type: ignore[return-value]
 
-    fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights)
+    fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights, parallel=dp)
     if check:
         check_loss(fl)
     return fl
@@ -222,7 +240,7 @@ def check_loss(fl: FunctionalLoss) -> float:
                 f"loss_fn must return a scalar, got shape {shape} (use reduction='mean')"
             )
     with torch.no_grad():
-        total = float(fl.loss(fl.params))
+        total = float(fl.allsum(fl.loss(fl.params).reshape(1), "the loss")[0])
     if not math.isfinite(total):
         raise SharpnessInputError(f"the loss is {total} at these parameters (NaN/inf)")
     return total

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .functional import SharpnessInputError, training_flags
+from .parallel import active
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LOSSES = {
@@ -104,6 +105,9 @@ def accuracy(
         pred = forward(model, x, train_mode=train_mode).argmax(dim=1)
         correct += int((pred == y).sum())
         total += int(y.shape[0])
+    dp = active()
+    if dp is not None:  # data split across ranks: the counts of all of them
+        correct, total = (int(dp.sum_float(v, "the accuracy counts")) for v in (correct, total))
     return correct, total
 
 

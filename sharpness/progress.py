@@ -67,4 +67,6 @@ def counting_loss(fl: FunctionalLoss, progress: Progress) -> FunctionalLoss:
         progress.tick()
         return fl.loss(p)
 
-    return FunctionalLoss(loss=loss, params=fl.params, batch_losses=fl.batch_losses, weights=fl.weights)
+    return FunctionalLoss(
+        loss=loss, params=fl.params, batch_losses=fl.batch_losses, weights=fl.weights, parallel=fl.parallel
+    )

@@ -148,7 +148,9 @@ def run_report(
     if "loss" in want:
         acc = accuracy() if accuracy is not None else None
         rep.results["loss"] = {"value": base, "accuracy": None if acc is None else acc[0] / acc[1]}
-        rep.rows.append(Row("loss L(w)", base, note=f"mean over {sum(len(x) for x, _ in batches)} samples"))
+        n = sum(len(x) for x, _ in batches)
+        n = n if fl.parallel is None else int(fl.parallel.sum_float(n, "the count of samples"))
+        rep.rows.append(Row("loss L(w)", base, note=f"mean over {n} samples"))
         if acc is not None:
             rep.rows.append(Row("accuracy", acc[0] / acc[1], note=f"{acc[0]}/{acc[1]} correct", percent=True))
     trace = None
