@@ -36,6 +36,10 @@ data specs (--data; --samples N takes a seeded subset):
                          unpickler that accepts only arrays
   fashion-mnist:DIR      the idx files (train-/t10k-images/labels-idx?-ubyte[.gz]), e.g. from the Debian
                          package dataset-fashion-mnist
+  tokens:FILE[:seq=T][:pad=ID]
+                         token ids in a .npy/.pt file (N x T, or a 1-D stream cut into rows of T); for
+                         --loss lm (a bare FILE.npy of integers reads the same)
+  text:FILE[:seq=T]      the bytes of a text file as token ids (byte-level tokenizer, vocabulary 256)
   MODULE:CALLABLE        a function returning a Dataset, an (x, y) pair or (x, y) batches
 
 errors exit with status 2 and one line; --debug shows the traceback.
@@ -107,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--loss",
         default="ce",
-        choices=["ce", "mse"],
-        help="ce: cross-entropy; mse: squared error, mean over "
-        "samples and outputs, labels one-hot (default ce)",
+        metavar="LOSS",
+        help="ce: cross-entropy; mse: squared error, mean over samples and outputs, labels one-hot; lm: "
+        "next-token cross-entropy of (N, T, V) logits against token ids, shifted, padding (-100) left out; "
+        "MODULE:CALLABLE: your loss_fn(outputs, targets) -> scalar mean (default ce)",
     )
     a("--metrics", metavar="LIST", help=f"comma-separated subset of {','.join(METRICS)} or 'all'")
     a("--samples", type=_positive, metavar="N", help="seeded random subset of N points (default: all)")

@@ -19,8 +19,10 @@ import torch
 from . import __version__
 from .arguments import build_parser
 from .functional import SharpnessInputError, make_loss, resolve_device
+from .inputs import loss_description
 from .parallel import DistributedSharpnessError, cli_done, cli_ranks, describe
 from .report import ReportSettings
+from .sequence import ATTENTION_KERNEL
 
 
 def _first_line(exc: BaseException) -> str:
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
                 "per_layer": args.per_layer,
                 "device": str(device),
                 "dtype": str(dtype),
+                "attention_kernel": ATTENTION_KERNEL,
             },
             "environment": environment(device),
             **report_json(rep),
@@ -247,10 +250,10 @@ def _header(
         ),
         (
             "loss",
-            f"{args.loss} ({'cross-entropy' if args.loss == 'ce' else 'squared error'}, mean over samples)",
+            loss_description(args.loss),
         ),
         ("mode", mode),
-        ("device", f"{device}; seed {args.seed}"),
+        ("device", f"{device}; seed {args.seed}; attention kernel {ATTENTION_KERNEL}"),
     ]
 
 

@@ -13,6 +13,8 @@
   ``(x, y)`` pair); the file is the data, so ``split`` does not apply.
 - ``cifar10:DIR`` (python-pickle batches), ``fashion-mnist:DIR`` (idx files; ``mnist:DIR`` reads the same
   layout), see :mod:`sharpness.datafiles`.
+- ``tokens:FILE[:seq=T][:pad=ID]`` (``.npy``/``.pt`` of token ids; a bare ``FILE.npy`` too) and
+  ``text:FILE[:seq=T]`` (bytes as ids): token data for ``--loss lm``, see :mod:`sharpness.tokens`.
 - ``MODULE:CALLABLE``: called as ``fn(split=split)`` (or ``fn()`` when it takes no ``split``); returns a
   :class:`Dataset`, an ``(x, y)`` pair, or an iterable of ``(x, y)`` batches.
 
@@ -36,11 +38,15 @@ from torch import Tensor
 from .datafiles import as_xy, read_array_file, read_cifar10, read_idx_images
 from .functional import SharpnessInputError
 from .importing import import_callable
+from .tokens import is_token_spec, load_tokens
 
 SPLITS = ("train", "test", "all")
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-SPECS_HELP = "digits, synthetic:N, FILE.pt, FILE.npz, cifar10:DIR, fashion-mnist:DIR or MODULE:CALLABLE"
+SPECS_HELP = (
+    "digits, synthetic:N, FILE.pt, FILE.npz, cifar10:DIR, fashion-mnist:DIR, tokens:FILE, text:FILE or "
+    "MODULE:CALLABLE"
+)
 
 
 @dataclass
@@ -95,8 +101,9 @@ class Dataset:
         return [(self.x[i : i + b], self.y[i : i + b]) for i in range(0, len(self), b)]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Dataset:
-        """Move to ``device``; cast ``x`` (and float targets) to ``dtype``. Integer labels stay int64."""
-        x = self.x.to(device=device, dtype=dtype)
+        """Move to ``device``; cast float ``x`` (and float targets) to ``dtype``. Integer labels and integer
+        inputs (token ids) stay int64."""
+        x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         return replace(self, x=x, y=y, meta=dict(self.meta))
 
@@ -240,6 +247,9 @@ def load_dataset(spec: str, *, split: str = "test", samples: int | None = None, 
     head, _, rest = spec.partition(":")
     if spec == "digits":
         ds = _digits(split)
+    elif is_token_spec(spec):
+        x, y, vocab, meta = load_tokens(spec)
+        ds = Dataset(x, y, vocab, Path(meta["file"]).name, meta)
     elif head == "synthetic":
         ds = _synthetic(spec, split)
     elif head == "cifar10" and rest:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .parallel import DataParallel, resolve
+from .sequence import logits_of, math_attention
 
 Batch = tuple[Tensor, Tensor]
 Params = dict[str, Tensor]
@@ -178,6 +179,9 @@ def make_loss(
     buffers are frozen at their current values. In eval mode (default) BatchNorm uses running statistics and
     dropout is off; in train mode BatchNorm uses batch statistics (its running buffers are updated on
     throw-away copies, never on the model). Cost of construction: one forward pass per batch (``check``).
+    Forward passes run with the math attention kernel (:func:`~sharpness.sequence.math_attention`: the only
+    one with a double backward), and ``loss_fn`` gets :func:`~sharpness.sequence.logits_of` the output (a
+    tuple, a dict or an object with ``logits`` are accepted).
 
     ``group``: a ``torch.distributed`` process group (or a :class:`~sharpness.parallel.DataParallel`) whose
     ranks each pass their own share of the data; ``N = sum_b n_b`` is then summed over the ranks, and every
@@ -205,9 +209,9 @@ def make_loss(
                 fz = {n: (t.clone() if n in buffer_names else t) for n, t in frozen.items()}
             else:
                 fz = frozen
-            with training_flags(model, train_mode):
+            with training_flags(model, train_mode), math_attention():
                 out = functional_call(model, {**fz, **p}, (x,))
-            return loss_fn(out, y)
+            return loss_fn(logits_of(out), y)
 
         return f
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,29 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .functional import SharpnessInputError, training_flags
+from .importing import import_callable
 from .parallel import active
+from .sequence import IGNORE_INDEX, lm_loss, logits_of, math_attention
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LOSSES = {
     "ce": "cross-entropy of the logits, mean over samples",
     "mse": "squared error, mean over samples and outputs (class labels become one-hot targets)",
+    "lm": "next-token cross-entropy of (N, T, V) logits against (N, T) token ids, shifted by one, mean over "
+    f"positions whose target is not {IGNORE_INDEX} (padding)",
 }
+
+
+def is_user_loss(loss: str) -> bool:
+    """Whether ``--loss`` names a user's ``MODULE:CALLABLE`` rather than a built-in loss."""
+    return loss not in LOSSES and ":" in loss
+
+
+def loss_description(loss: str) -> str:
+    """A few words on the loss, for the report's header."""
+    short = {"ce": "cross-entropy, mean over samples", "mse": "squared error, mean over samples",
+             "lm": f"next-token cross-entropy, mean over tokens, ignore index {IGNORE_INDEX}"}  # fmt: skip
+    return f"{loss} ({short.get(loss, 'user loss loss_fn(outputs, targets), given on the command line')})"
 
 
 def forward(model: nn.Module, x: Tensor, *, train_mode: bool = False) -> Tensor:
@@ -29,8 +46,8 @@ def forward(model: nn.Module, x: Tensor, *, train_mode: bool = False) -> Tensor:
     train mode does not update the model's running statistics; train/eval flags are restored. One forward."""
     state = {n: t.detach() for n, t in model.named_parameters()}
     state.update({n: t.detach().clone() for n, t in model.named_buffers()})
-    with torch.no_grad(), training_flags(model, train_mode):
-        return functional_call(model, state, (x,))
+    with torch.no_grad(), training_flags(model, train_mode), math_attention():
+        return logits_of(functional_call(model, state, (x,)))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -47,8 +64,10 @@ def check_fit(
     ``(N, C)``; integer labels lie in ``[0, C)``; float targets have the outputs' shape (or, for ``ce``,
     are class probabilities of that shape). Returns ``C``. Cost: one forward pass on 8 samples.
     """
-    if loss not in LOSSES:
-        raise SharpnessInputError(f"unknown loss {loss!r}: choose from {', '.join(LOSSES)}")
+    if loss not in LOSSES and not is_user_loss(loss):
+        raise SharpnessInputError(
+            f"unknown loss {loss!r}: choose from {', '.join(LOSSES)} or MODULE:CALLABLE"
+        )
     probe = x[: min(8, x.shape[0])]
     try:
         out = forward(model, probe, train_mode=train_mode)
@@ -56,6 +75,8 @@ def check_fit(
         raise SharpnessInputError(
             f"{name}: inputs of shape {tuple(x.shape[1:])} do not fit the model: {_first_line(exc)}"
         ) from exc
+    if loss == "lm" or is_user_loss(loss):
+        return _check_sequence_fit(out, y, probe.shape[0], loss, name)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != probe.shape[0]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise SharpnessInputError(
@@ -78,11 +99,39 @@ def check_fit(
     return c
 
 
+def _check_sequence_fit(out: Any, y: Tensor, n: int, loss: str, name: str) -> int:
+    """``lm``: outputs (N, T, V) and integer targets (N, T) with ids in [0, V) or the ignore index. A user
+    loss is checked only by the finite-loss check that follows. Returns V (the last output dimension)."""
+    if not isinstance(out, Tensor) or out.shape[0] != n:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise SharpnessInputError(f"the model maps {name} inputs to {shape}; expected a tensor with N rows")
+    if loss != "lm":
+        return int(out.shape[-1]) if out.dim() > 1 else 1
+    if out.dim() != 3 or y.is_floating_point() or y.dim() != 2 or y.shape[1] != out.shape[1]:
+        raise SharpnessInputError(
+            f"--loss lm needs logits (N, T, V) and integer token targets (N, T); the model gives "
+            f"{tuple(out.shape)} for {name} targets of shape {tuple(y.shape)} and dtype {y.dtype}"
+        )
+    v = int(out.shape[2])
+    ids = y[y != IGNORE_INDEX]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+        raise SharpnessInputError(
+            f"{name}: token ids range over {int(ids.min())}..{int(ids.max())} but the model has {v} logits"
+        )
+    return v
+
+
 def loss_function(loss: str, num_outputs: int) -> LossFn:
     """``ce``: ``F.cross_entropy(out, y)`` (labels or probabilities); ``mse``: ``F.mse_loss(out, t)`` with
-    ``t = one_hot(y)`` for labels, else ``y`` (mean over samples and outputs)."""
+    ``t = one_hot(y)`` for labels, else ``y`` (mean over samples and outputs); ``lm``:
+    :func:`~sharpness.sequence.lm_loss`; ``MODULE:CALLABLE``: that function, called as
+    ``fn(outputs, targets)`` and expected to return a scalar mean."""
     if loss == "ce":
         return F.cross_entropy
+    if loss == "lm":
+        return lm_loss
+    if is_user_loss(loss):  # named on the command line by the user: importing it is theirs to ask
+        return import_callable(loss, what="--loss")
     if loss == "mse":
 
         def mse(out: Tensor, y: Tensor) -> Tensor:
@@ -102,7 +151,10 @@ def accuracy(
         return None
     correct = total = 0
     for x, y in batches:
-        pred = forward(model, x, train_mode=train_mode).argmax(dim=1)
+        out = forward(model, x, train_mode=train_mode)
+        if out.dim() != 2 or y.dim() != 1:  # sequences, or targets that are not one label per sample
+            return None
+        pred = out.argmax(dim=1)
         correct += int((pred == y).sum())
         total += int(y.shape[0])
     dp = active()
