@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --plot: also draw the landscape along the top Hessian "
         "eigenvectors (scaled to the random direction's norm)",
     )
-    a("--per-layer", action="store_true", help="add the 'layers' metric: Tr H_ll of each layer")
+    a(
+        "--per-layer",
+        action="store_true",
+        help="add the 'layers' metric: each layer's Tr H_ll and top eigenvalue lambda_max(H_ll)",
+    )
     a(
         "--sigmas",
         type=_floats,

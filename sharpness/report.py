@@ -33,7 +33,8 @@ METRICS: dict[str, str] = {
     "density": "eigenvalue density of H (stochastic Lanczos quadrature, 10 runs x 80 steps); 800 HVPs",
     "avg-sam": "E_{eps~N(0,sigma^2 I)} L(w+eps) sampled +- stderr, and L + sigma^2/2 Tr H; PROBES fwd/sigma",
     "sam": "max_{||eps||<=rho} L(w+eps) - L(w) at SAM's eps = rho g/||g||; 1 gradient + 2 fwd per rho",
-    "layers": "Tr H_ll of each layer's diagonal Hessian block (Hutchinson) +- stderr; PROBES HVPs per layer",
+    "layers": "per layer l, its diagonal Hessian block H_ll: Tr H_ll (Hutchinson) +- stderr and "
+    "lambda_max(H_ll) (Lanczos to 1e-4); PROBES + ~20-100 HVPs per layer",
 }
 DEFAULT_METRICS = ("loss", "trace", "eigs", "density", "avg-sam", "sam")
 #: Parameter vectors each metric keeps at once (Lanczos bases; probe and noise blocks).
@@ -281,9 +282,12 @@ def _layer_traces(model, loss_fn, batches, s: ReportSettings, bar: Progress, rep
         t0 = time.perf_counter()
         with bar.task(f"trace {layer}", s.probes, "HVP"):
             r = hessian_trace(opx, n_probes=s.probes, seed=s.seed, train_mode=s.train_mode)
+        with bar.task(f"lambda_max {layer}", None, "HVP"):
+            top = top_eigenvalues(opx, k=1, tol=s.eig_tol, seed=s.seed, train_mode=s.train_mode)
         opx.release()
         rep.timings[f"layer {layer}"] = round(time.perf_counter() - t0, 3)
-        out[layer] = {**r.to_dict(), "parameters": names, "num_params": opx.num_params}
+        out[layer] = {**r.to_dict(), "parameters": names, "num_params": opx.num_params,
+                      "top_eigenvalue": top.to_dict()}  # fmt: skip
         total += r.value
         total_var += r.stderr**2
         rep.rows.append(
@@ -294,5 +298,8 @@ def _layer_traces(model, loss_fn, batches, s: ReportSettings, bar: Progress, rep
                 f"{', '.join(names)} ({opx.num_params:,} params)",
             )
         )
+        status = "" if top.converged else ", NOT converged"
+        rep.rows.append(Row(f"layer {layer}: lambda_max(H_ll)", top.values[0],
+                            note=f"residual {top.residuals[0]:.2g}; {top.n_hvp} HVPs{status}"))  # fmt: skip
     rep.rows.append(Row("sum of layer traces", total, math.sqrt(total_var), "= Tr H in expectation"))
     return out
