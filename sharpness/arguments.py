@@ -24,6 +24,10 @@ checkpoint formats (detected from the file):
                 prefix of DataParallel/DDP removed; needs --arch
   .safetensors  safetensors weights (pip install safetensors); needs --arch
   TorchScript   torch.jit.save archive; no --arch needed
+  HF folder     a HuggingFace save_pretrained folder (config.json + model.safetensors; pytorch_model.bin
+                only with --trust-pickle), loaded by transformers from the local files; no --arch
+  Lightning     a .ckpt: the state_dict under 'state_dict' with the LightningModule's prefix (e.g. model.)
+                stripped (--prefix to choose); EMA weights with --weights-key
   pickle        a whole nn.Module saved with torch.save(model): only with --trust-pickle, because
                 unpickling RUNS CODE FROM THE FILE. Everything else loads with weights_only=True.
 
@@ -100,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch-kwargs",
         metavar="JSON",
         help="keyword arguments for --arch as a JSON object, e.g. '{\"width\": 64}'",
+    )
+    a(
+        "--weights-key",
+        metavar="KEY",
+        help="read the weights stored under KEY (dotted for nesting), e.g. ema_state_dict for EMA weights",
+    )
+    a(
+        "--prefix",
+        metavar="PREFIX",
+        help="keep only the weights under this module prefix and strip it, e.g. model. in a Lightning .ckpt "
+        "(a Lightning checkpoint with one top-level module is stripped without it)",
     )
     a("--data", default="digits", metavar="SPEC", help="data spec (below); default: digits")
     a(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .formats import HF_CONFIG, choose_prefix, hf_model, is_lightning, pick_key
 from .functional import SharpnessInputError, resolve_device
 from .importing import import_callable
 from .results import atomic_torch_save
@@ -204,6 +205,8 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     device: str | torch.device = "cpu",
+    weights_key: str | None = None,
+    prefix: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load the model in ``path`` (any format in the module docstring), in eval mode on ``device``.
 
@@ -211,18 +214,26 @@ def load_model(
     pickled_module), ``arch``, ``arch_kwargs``, ``extra``, ``stripped_prefix``, ``nested_key``,
     ``unpickled``, ``num_params``, ``dtype``, ``device`` and ``path``. An explicit ``arch``/``arch_kwargs``
     overrides the one a toolkit checkpoint records. Cost: reading the file, building the model once.
+    A HuggingFace folder, ``weights_key`` and ``prefix``: see :mod:`sharpness.formats`.
     """
     path = Path(path).expanduser()
     dev = resolve_device(device)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
+    if not path.is_file() and not (path.is_dir() and (path / HF_CONFIG).is_file()):
         raise CheckpointError(f"checkpoint {path} is not a file")
     info: dict[str, Any] = {"path": str(path), "arch": arch, "arch_kwargs": arch_kwargs or {}, "extra": {}}
     info.update(stripped_prefix=None, nested_key=None, unpickled=False)
     model: nn.Module | None = None
     state: Any = None
-    if path.suffix == ".safetensors":
+    lightning = False
+    if path.is_dir():
+        if arch:
+            raise CheckpointError(
+                f"{path} is a HuggingFace folder, built from its config.json: leave out --arch"
+            )
+        model, info["format"] = hf_model(path, trust_pickle), "huggingface"
+    elif path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
@@ -243,6 +254,9 @@ def load_model(
         info["format"] = "torchscript"
     else:
         obj, unpickled = _torch_load(path, trust_pickle)
+        lightning = is_lightning(obj)
+        if weights_key is not None:
+            obj = pick_key(obj, weights_key, f"checkpoint {path}")
         if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("dsgd-sam/"):
             if obj["format"] != FORMAT:
                 raise CheckpointError(
@@ -277,7 +291,9 @@ def load_model(
             )
         info["unpickled"] = unpickled
     if model is None:
-        state, info["stripped_prefix"] = _strip_prefix(dict(state))
+        state, chosen = choose_prefix(state, prefix, lightning, f"checkpoint {path}")
+        state, info["stripped_prefix"] = _strip_prefix(state)
+        info["stripped_prefix"] = chosen or info["stripped_prefix"]
         if not info["arch"]:
             raise CheckpointError(
                 f"checkpoint {path} holds only weights ({info['format']}): pass --arch MODULE:CALLABLE "

@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         arch_kwargs=_arch_kwargs(args.arch_kwargs),
         trust_pickle=args.trust_pickle,
         device=device,
+        weights_key=args.weights_key,
+        prefix=args.prefix,
     )
     first = next(iter(model.parameters()), None)
     if first is None or not any(p.requires_grad for p in model.parameters()):
