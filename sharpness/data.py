@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .datafiles import as_xy, read_array_file, read_cifar10, read_idx_images
+from .datafiles import as_xy, parse_options, read_array_file, read_cifar10, read_idx_images
 from .functional import SharpnessInputError
 from .importing import import_callable
 from .tokens import is_token_spec, load_tokens
@@ -155,23 +155,6 @@ def _digits(split: str) -> Dataset:
     return Dataset(x, y, 10, "digits", meta)
 
 
-def _parse_options(spec: str, parts: list[str], allowed: dict[str, type]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or key not in allowed:
-            raise SharpnessInputError(
-                f"data spec {spec!r}: unknown option {part!r} (allowed: {', '.join(allowed)})"
-            )
-        try:
-            out[key] = allowed[key](value)
-        except ValueError as exc:
-            raise SharpnessInputError(
-                f"data spec {spec!r}: option {key} needs a number, got {value!r}"
-            ) from exc
-    return out
-
-
 def _synthetic(spec: str, split: str) -> Dataset:
     parts = spec.split(":")[1:]
     try:
@@ -181,7 +164,7 @@ def _synthetic(spec: str, split: str) -> Dataset:
             f"data spec {spec!r}: expected synthetic:N with N a number of points"
         ) from exc
     opts = {"d": 20, "classes": 10, "hidden": 32, "seed": 0}
-    opts.update(_parse_options(spec, parts[1:], {k: int for k in opts}))
+    opts.update(parse_options(spec, parts[1:], {k: int for k in opts}))
     if n < 1 or opts["d"] < 1 or opts["classes"] < 2 or opts["hidden"] < 1:
         raise SharpnessInputError(f"data spec {spec!r}: need N >= 1, d >= 1, classes >= 2, hidden >= 1")
     g = torch.Generator().manual_seed(opts["seed"])

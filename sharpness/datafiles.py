@@ -238,3 +238,22 @@ def read_idx_images(root: Path, split: str, kind: str = "fashion-mnist") -> XY:
     y = torch.from_numpy(np.concatenate(ys))
     used = [str(files[(s, k)]) for s in parts for k in ("images", "labels")]
     return x, y, {"folder": str(root), "files": used}
+
+
+def parse_options(spec: str, parts: list[str], allowed: dict[str, type]) -> dict[str, Any]:
+    """``["key=value", ...]`` of a data spec as ``{key: allowed[key](value)}``; unknown keys and bad values
+    raise one line."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or key not in allowed:
+            raise SharpnessInputError(
+                f"data spec {spec!r}: unknown option {part!r} (allowed: {', '.join(allowed)})"
+            )
+        try:
+            out[key] = allowed[key](value)
+        except ValueError as exc:
+            raise SharpnessInputError(
+                f"data spec {spec!r}: option {key} needs a number, got {value!r}"
+            ) from exc
+    return out

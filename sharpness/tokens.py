@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .datafiles import parse_options
 from .functional import SharpnessInputError
 from .sequence import IGNORE_INDEX
 
@@ -29,19 +30,7 @@ DEFAULT_SEQ = 64
 
 
 def _options(spec: str, parts: list[str], allowed: tuple[str, ...]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or key not in allowed:
-            raise SharpnessInputError(
-                f"data spec {spec!r}: unknown option {part!r} (allowed: {', '.join(allowed)})"
-            )
-        try:
-            out[key] = int(value)
-        except ValueError as exc:
-            raise SharpnessInputError(
-                f"data spec {spec!r}: option {key} needs an integer, got {value!r}"
-            ) from exc
+    out = parse_options(spec, parts, {k: int for k in allowed})
     if out.get("seq", DEFAULT_SEQ) < 2:
         raise SharpnessInputError(f"data spec {spec!r}: seq must be >= 2 (a next-token loss needs two ids)")
     return out
