@@ -83,7 +83,8 @@ class DataParallel:
                 if not self.store.check([str(k)]):
                     ops[k], where[k] = 0, "before its first collective"
                     continue
-                n, _, where[k] = self.store.get(str(k)).decode().partition("|")
+                n, _, what = self.store.get(str(k)).decode().partition("|")
+                where[k] = f"after entering collective #{n} ({what})"
             except RuntimeError:
                 return [], {}
             ops[k] = int(n)
@@ -104,10 +105,13 @@ class DataParallel:
         if behind:
             names = " and ".join(f"rank {k}" for k in behind)
             return DistributedSharpnessError(
-                f"{names} of {self.world} stopped at {last[behind[0]]} (died or hung): rank {self.rank} "
-                f"{event} in {what}"
+                f"{names} of {self.world} died or hung {last[behind[0]]}: rank {self.rank} {event} in "
+                f"collective #{self.op} ({what})"
             )
-        return DistributedSharpnessError(f"rank {self.rank} of {self.world}: {what} {event}")
+        return DistributedSharpnessError(
+            f"rank {self.rank} of {self.world}: {event} in collective #{self.op} ({what}); the other ranks' "
+            "progress is unknown (no rank is behind, or the store went away with the rank hosting it)"
+        )
 
     def sum(self, x: Tensor, what: str = "the sum over ranks") -> Tensor:
         """``sum_r x_r`` on every rank (one ``all_reduce``); ``x`` is not modified."""
@@ -220,19 +224,20 @@ def launch_loopback(
 ) -> list[int]:
     """Run ``python argv...`` as ``procs`` ranks on 127.0.0.1 (what ``torchrun --nproc-per-node procs`` does,
     without its agent: a rank that fails does not end the others, so each can report what it saw) and
-    return their exit codes; ranks still running after ``timeout`` seconds are killed (code -9)."""
-    import socket
+    return their exit codes; ranks still running after ``timeout`` seconds are killed (code -9). This
+    process hosts the store (port picked by the OS), as torchrun's agent does, so the diagnosis of a failure
+    survives the rank that noticed it first."""
     import subprocess
     import sys
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    children = [
-        subprocess.Popen([sys.executable, *argv], env={**os.environ, **loopback_env(r, procs, port, threads)})
-        for r in range(procs)
-    ]
+    store = dist.TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=max(timeout, 5.0)))  # fmt: skip
+    hosted = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    children = []
+    for r in range(procs):
+        env = {**os.environ, **loopback_env(r, procs, store.port, threads), **hosted}
+        children.append(subprocess.Popen([sys.executable, *argv], env=env))
     deadline = time.monotonic() + timeout
     try:
         for p in children:
@@ -246,6 +251,7 @@ def launch_loopback(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        del store
     return [p.returncode for p in children]
 
 

@@ -64,15 +64,19 @@ def test_every_metric_equals_one_process(single, procs, tmp_path):
     assert _diff(single, bad) != []
 
 
-@pytest.mark.parametrize("mode,word", [("die", "died or hung"), ("hang", "timed out")])
+@pytest.mark.parametrize("mode,word", [("die", "closed its connection"), ("hang", "timed out after 4 s")])
 def test_a_dead_or_hung_rank_is_named_within_the_timeout(mode, word, tmp_path):
+    """Rank 1 of 3 exits (or sleeps) before the first collective: ranks 0 and 2 each fail with one line naming
+    rank 1; the first to notice saw the peer's socket close (or the 4 s timeout expire), the other may see
+    either that or rank 0's own exit."""
     _env()
     out = tmp_path / "x.json"
     codes = launch_loopback([RANKS, mode, str(out), "4"], 3, timeout=40, threads=1)
     assert codes[0] == 1 and codes[2] == 1, codes
-    for r in (0, 2):
-        line = (tmp_path / f"x.json.rank{r}").read_text()
-        assert "rank 1 of 3 stopped" in line and word in line, line
+    lines = [(tmp_path / f"x.json.rank{r}").read_text() for r in (0, 2)]
+    for line in lines:
+        assert line.startswith("rank 1 of 3 died or hung before its first collective"), line
+    assert any(word in line for line in lines), lines
 
 
 def test_cli_under_torchrun_writes_one_json_equal_to_one_process(tmp_path):
