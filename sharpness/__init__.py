@@ -11,6 +11,7 @@ from .hvp import HessianOperator
 from .lanczos import DensityResult, EigenResult, spectral_density, top_eigenvalues
 from .landscape import LandscapeResult, loss_line, loss_surface, normalize_direction, random_direction
 from .operators import MatrixOperator
+from .parallel import DataParallel, data_parallel
 from .sam import (
     AvgSamQuadResult,
     AvgSamResult,
@@ -28,6 +29,7 @@ from .trace import TraceResult, hessian_trace
 __all__ = [
     "AvgSamQuadResult",
     "AvgSamResult",
+    "DataParallel",
     "DensityResult",
     "EigenResult",
     "FunctionalLoss",
@@ -41,6 +43,7 @@ __all__ = [
     "avg_sam_loss",
     "avg_sam_quadratic",
     "centre",
+    "data_parallel",
     "hessian_trace",
     "loss_line",
     "loss_surface",
