@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sharpness.hvp import HessianOperator
 from sharpness.parallel import DataParallel, DistributedSharpnessError, data_parallel
 from sharpness.report import ReportSettings, run_report
 from sharpness.table import report_json
+from sharpness.trace import hessian_trace
 
 SETTINGS = ReportSettings(probes=6, top_k=2, sigmas=[0.05], rhos=[0.1], density_vectors=2, density_steps=12)
 METRICS = ["loss", "trace", "eigs", "density", "avg-sam", "sam", "layers"]
@@ -32,9 +34,15 @@ def problem():
     return model, F.cross_entropy, [(x[i : i + 6], y[i : i + 6]) for i in range(0, 48, 6)]
 
 
-def report(batches, model):
+def report(batches, model, group=None):
+    """The report's JSON (inside the active data-parallel context, if any), plus ``api_trace``:
+    ``hessian_trace`` of a ``HessianOperator`` given ``group=`` directly."""
     rep = run_report(model, F.cross_entropy, batches, METRICS, SETTINGS, progress=False)
     return report_json(rep)
+
+
+def api_trace(batches, model, group=None) -> float:
+    return hessian_trace(HessianOperator(model, F.cross_entropy, batches, group=group), n_probes=5).value
 
 
 if __name__ == "__main__":
@@ -42,6 +50,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=float(sys.argv[3])))
     dp = DataParallel(timeout=float(sys.argv[3]))
     model, _, batches = problem()
+    t0 = time.monotonic()
     try:
         if mode != "report" and dp.rank == 1:
             if mode == "die":
@@ -49,6 +58,7 @@ if __name__ == "__main__":
             time.sleep(3 * float(sys.argv[3]))
         with data_parallel(dp):
             doc = report(dp.shard(batches), model)
+        doc["api_trace"] = api_trace(dp.shard(batches), model, dist.group.WORLD)
         if dp.rank == 0:
             with open(out, "w") as fh:
                 json.dump(doc, fh)
@@ -56,5 +66,7 @@ if __name__ == "__main__":
     except DistributedSharpnessError as exc:
         with open(f"{out}.rank{dp.rank}", "w") as fh:
             fh.write(str(exc))
+        with open(f"{out}.rank{dp.rank}.seconds", "w") as fh:
+            fh.write(str(time.monotonic() - t0))
         sys.stderr.write(f"{exc}\n")
         os._exit(1)

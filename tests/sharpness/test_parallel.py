@@ -43,10 +43,12 @@ def _diff(a, b, path="") -> list[str]:
 @pytest.fixture(scope="module")
 def single():
     sys.path.insert(0, str(HERE))
-    from parallel_ranks import problem, report
+    from parallel_ranks import api_trace, problem, report
 
     model, _, batches = problem()
-    return json.loads(json.dumps(report(batches, model)))
+    doc = report(batches, model)
+    doc["api_trace"] = api_trace(batches, model)
+    return json.loads(json.dumps(doc))
 
 
 @pytest.mark.parametrize("procs", [2, 4])
@@ -77,6 +79,8 @@ def test_a_dead_or_hung_rank_is_named_within_the_timeout(mode, word, tmp_path):
     for line in lines:
         assert line.startswith("rank 1 of 3 died or hung before its first collective"), line
     assert any(word in line for line in lines), lines
+    seconds = [float((tmp_path / f"x.json.rank{r}.seconds").read_text()) for r in (0, 2)]
+    assert max(seconds) < 4 + 6, seconds  # within the 4 s timeout, plus slack for a loaded machine
 
 
 def test_cli_under_torchrun_writes_one_json_equal_to_one_process(tmp_path):
