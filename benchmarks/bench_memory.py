@@ -9,6 +9,10 @@ a fresh child process builds the data, then measures
   graphs inside this call, so they are counted;
 - the time per HVP of a second ``hessian_trace`` on the same operator (graphs already cached), divided by P.
 
+Then, in this process, ``--timing-batches`` batches: the time of one HVP cached, one streamed and one
+gradient, run interleaved round after round (``--rounds``; medians), so that load changes on a shared machine
+hit all three alike: streamed / cached is the price of bounded memory (about one more gradient per product).
+
 Modes: ``cached`` (``graph_memory`` large: every batch's gradient graph kept, the behaviour before issue 12),
 ``streamed`` (``graph_memory=0``: each batch's graph is rebuilt per product and freed), ``auto`` (the default
 budget). ``--before DIR`` also runs the children with ``PYTHONPATH=DIR`` (e.g. a checkout of main) and no
@@ -16,6 +20,7 @@ budget). ``--before DIR`` also runs the children with ``PYTHONPATH=DIR`` (e.g. a
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_memory.py [--batches 1,8,32] [--batch 256]
         [--probes 3] [--modes cached,streamed] [--before /path/to/main] [--device cpu|cuda] [--json out.json]
+        [--timing-batches 8] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def main() -> None:
     p.add_argument("--before", metavar="DIR", help="also run the code in DIR (e.g. main) as mode 'before'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--timing-batches", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (0: none)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--n-batches", type=int, help=argparse.SUPPRESS)
@@ -111,8 +118,41 @@ def main() -> None:
                   f"x{r['peak'] / max(base, 1):.2f} of {counts[0]} batch (target <= 1.3 for streamed), "
                   f"{1000 * r['per_hvp_s']:.0f} ms/HVP, {r['info'].get('mode')}, "
                   f"{r['params']:,} params", flush=True)  # fmt: skip
+    timing = interleaved_timing(args) if args.rounds > 0 else {}
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"settings": vars(args), "rows": rows, "timing": timing}, indent=2)
+        )
+
+
+def interleaved_timing(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of one HVP (cached, streamed) and one gradient over ``--timing-batches`` batches."""
+    from _timing import interleaved, median
+
+    from sharpness.hvp import HessianOperator
+    from verify.models import small_cnn
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = small_cnn(in_channels=1, image=28, width=args.width).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    n = args.batch * args.timing_batches
+    x = torch.randn(n, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
+    batches = [(x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, n, args.batch)]
+    loss = nn.CrossEntropyLoss()
+    ops = {m: HessianOperator(model, loss, batches, graph_memory=BUDGETS[m]) for m in ("cached", "streamed")}
+    v = torch.randn(ops["cached"].num_params, generator=gen).to(device)
+    fns = {f"HVP {m}": (lambda r, op=op: op.matvec(v)) for m, op in ops.items()}
+    fns["gradient"] = lambda r: ops["cached"].gradient()
+    times, _ = interleaved(fns, args.rounds, device)
+    out = {k: median(t) for k, t in times.items()}
+    load = os.getloadavg()[0]
+    print(f"interleaved, {args.timing_batches} batches, {args.rounds} rounds (load {load:.2f}): "
+          + ", ".join(f"{k} {1000 * t:.0f} ms" for k, t in out.items())
+          + f"; streamed / cached = {out['HVP streamed'] / out['HVP cached']:.2f}")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
