@@ -18,8 +18,9 @@ Hessian-vector product) costs about 2-3 gradients):
 {metrics}
 
 checkpoint formats (detected from the file):
-  toolkit       saved by this toolkit (sharpness.checkpoint.save_checkpoint, e.g. by --demo); records its
-                architecture, so no --arch is needed
+  toolkit       saved by this toolkit (sharpness.checkpoint.save_checkpoint, e.g. by --demo or dsgd-verify);
+                records its architecture, so no --arch is needed when that is one of the toolkit's own
+                models; any other recorded MODULE:CALLABLE runs only with --arch or --trust-checkpoint-arch
   state_dict    torch.save(model.state_dict()), also nested under 'state_dict'/'model', with the 'module.'
                 prefix of DataParallel/DDP removed; needs --arch
   .safetensors  safetensors weights (pip install safetensors); needs --arch
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-pickle",
         action="store_true",
         help="allow a whole pickled nn.Module: this RUNS CODE from the file; use it only for files you trust",
+    )
+    a(
+        "--trust-checkpoint-arch",
+        action="store_true",
+        help="build the model with the MODULE:CALLABLE a toolkit checkpoint records even when it is not one "
+        "of the toolkit's own models: this RUNS CODE named by the file; use it only for files you trust",
     )
     a("--no-progress", action="store_true", help="no progress bars on stderr")
     a("--debug", action="store_true", help="show the full traceback of an error")

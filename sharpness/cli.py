@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         arch_kwargs=_arch_kwargs(args.arch_kwargs),
         trust_pickle=args.trust_pickle,
+        trust_checkpoint_arch=args.trust_checkpoint_arch,
         device=device,
     )
     first = next(iter(model.parameters()), None)
