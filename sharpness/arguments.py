@@ -69,6 +69,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, 2**64)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``--help`` explains every metric, checkpoint format and data spec."""
     width = max(len(m) for m in METRICS)
@@ -122,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: eval mode, running statistics); stated in the output",
     )
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
-    a("--seed", type=int, default=0, help="seed of every random probe, direction and subset (default 0)")
+    a(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of every random probe, direction, subset and (--train-mode) dropout mask (default 0)",
+    )
     a(
         "--out",
         metavar="FILE.json",
@@ -157,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RHO",
         help="radii of the worst-case SAM sharpness (default 0.05)",
     )
-    a("--top-k", type=_positive, default=5, metavar="K", help="number of top eigenvalues (default 5)")
+    a(
+        "--top-k",
+        type=_positive,
+        metavar="K",
+        help="number of top eigenvalues, at most the number of parameters (default 5, or all if fewer)",
+    )
     a(
         "--probes",
         type=_positive,

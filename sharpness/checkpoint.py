@@ -184,7 +184,8 @@ def build_from_state_dict(
 ) -> nn.Module:
     """``arch(**arch_kwargs)`` with ``state`` loaded strictly; the model takes the checkpoint's float dtype.
 
-    Key or shape mismatches raise one :class:`CheckpointError` (up to 10 missing and 10 unexpected keys).
+    Key or shape mismatches, and a non-floating tensor (integer, bool, complex) for a floating one of the
+    model, raise one :class:`CheckpointError` (up to 10 missing and 10 unexpected keys).
     """
     factory = import_callable(arch, what="--arch", error=CheckpointError)
     try:
@@ -201,6 +202,12 @@ def build_from_state_dict(
             f"checkpoint keys do not match --arch {arch}: {len(missing)} missing [{_list_keys(missing)}], "
             f"{len(unexpected)} unexpected [{_list_keys(unexpected)}]"
         )
+    for k, v in expected.items():
+        if v.is_floating_point() and not state[k].is_floating_point():
+            raise CheckpointError(
+                f"checkpoint tensor {k!r} is {state[k].dtype}, not floating point, but the model's is "
+                f"{v.dtype}: integer or boolean weights would be cast silently"
+            )
     bad = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
     if bad:
         k = bad[0]

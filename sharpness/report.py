@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .evaluate import loss_at
-from .functional import SharpnessInputError, make_loss
+from .functional import SharpnessInputError, make_loss, private_rng
 from .lanczos import spectral_density, top_eigenvalues
 from .progress import Progress, ProgressOperator, counting_loss
 from .sam import avg_sam_loss, sam_sharpness
@@ -111,6 +111,19 @@ def layer_groups(model: torch.nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def check_settings(settings: ReportSettings, metrics: list[str], num_params: int) -> None:
+    """One line for a setting the metrics cannot honour: more eigenvalues than parameters, a noise scale whose
+    square overflows. Cost: none; called before any measurement."""
+    if "eigs" in metrics and settings.top_k > num_params:
+        raise SharpnessInputError(
+            f"--top-k {settings.top_k} asks for more eigenvalues than the model's {num_params} parameters"
+        )
+    if "avg-sam" in metrics:
+        for sigma in settings.sigmas:
+            if not math.isfinite(sigma * sigma):
+                raise SharpnessInputError(f"--sigmas {sigma:g} is too large: sigma^2 overflows")
+
+
 def run_report(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -124,9 +137,17 @@ def run_report(
 ) -> Report:
     """Run ``metrics`` on ``L(w)``, the loss over ``batches``, at the model's weights, all with one seed.
 
-    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Cost: the sum
-    of the metrics' costs (see :data:`METRICS`), plus one forward pass.
+    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Everything
+    runs under :func:`~sharpness.functional.private_rng` with ``settings.seed`` (train-mode dropout masks
+    follow the seed; the caller's RNG is untouched). Cost: the sum of the metrics' costs (see
+    :data:`METRICS`), plus one forward pass.
     """
+    check_settings(settings, metrics, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    with private_rng(settings.seed):
+        return _run_report(model, loss_fn, batches, metrics, settings, accuracy, progress, keep_vectors)
+
+
+def _run_report(model, loss_fn, batches, metrics, settings, accuracy, progress, keep_vectors) -> Report:
     s, rep, bar = settings, Report(), Progress(progress)
     fl = make_loss(model, loss_fn, batches, train_mode=s.train_mode)
     op = ProgressOperator(fl)
@@ -169,7 +190,7 @@ def run_report(
             )
         )
     if "eigs" in want:
-        k = min(s.top_k, op.num_params)
+        k = s.top_k
         eig = timed(
             "eigs",
             f"top-{k} eigenvalues",
