@@ -147,7 +147,17 @@ def run_report(
         return _run_report(model, loss_fn, batches, metrics, settings, accuracy, progress, keep_vectors)
 
 
-def _run_report(model, loss_fn, batches, metrics, settings, accuracy, progress, keep_vectors) -> Report:
+def _run_report(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    metrics: list[str],
+    settings: ReportSettings,
+    accuracy: Callable[[], tuple[int, int] | None] | None,
+    progress: bool,
+    keep_vectors: bool,
+) -> Report:
+    """The body of :func:`run_report`, inside its seeded RNG."""
     s, rep, bar = settings, Report(), Progress(progress)
     fl = make_loss(model, loss_fn, batches, train_mode=s.train_mode)
     op = ProgressOperator(fl)
