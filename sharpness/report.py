@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .evaluate import loss_at
-from .functional import SharpnessInputError, make_loss, private_rng
+from .functional import SharpnessInputError, make_loss
 from .lanczos import spectral_density, top_eigenvalues
 from .progress import Progress, ProgressOperator, counting_loss
 from .sam import avg_sam_loss, sam_sharpness
@@ -137,27 +137,12 @@ def run_report(
 ) -> Report:
     """Run ``metrics`` on ``L(w)``, the loss over ``batches``, at the model's weights, all with one seed.
 
-    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Everything
-    runs under :func:`~sharpness.functional.private_rng` with ``settings.seed`` (train-mode dropout masks
-    follow the seed; the caller's RNG is untouched). Cost: the sum of the metrics' costs (see
-    :data:`METRICS`), plus one forward pass.
+    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Each metric
+    draws train-mode dropout masks from ``settings.seed``; the ``sharpness`` command runs the whole report
+    under :func:`~sharpness.functional.private_rng` with that seed, so the loss and accuracy do too. Cost: the
+    sum of the metrics' costs (see :data:`METRICS`), plus one forward pass.
     """
     check_settings(settings, metrics, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    with private_rng(settings.seed):
-        return _run_report(model, loss_fn, batches, metrics, settings, accuracy, progress, keep_vectors)
-
-
-def _run_report(
-    model: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    metrics: list[str],
-    settings: ReportSettings,
-    accuracy: Callable[[], tuple[int, int] | None] | None,
-    progress: bool,
-    keep_vectors: bool,
-) -> Report:
-    """The body of :func:`run_report`, inside its seeded RNG."""
     s, rep, bar = settings, Report(), Progress(progress)
     fl = make_loss(model, loss_fn, batches, train_mode=s.train_mode)
     op = ProgressOperator(fl)
