@@ -16,7 +16,15 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError, make_loss, unflatten
+from .functional import (
+    Batch,
+    FunctionalLoss,
+    SharpnessInputError,
+    make_loss,
+    require_finite,
+    require_finite_gradient,
+    unflatten,
+)
 
 #: Largest model for which ``dense()`` agrees to build the full d x d matrix.
 DENSE_LIMIT = 20_000
@@ -45,7 +53,8 @@ class HessianOperator:
     Build it from ``(model, loss_fn, data)`` or from a :class:`FunctionalLoss`. Costs, in gradient units:
     ``matvec`` about 2-3 gradients (one forward-over-reverse pass per batch); ``matmat`` with ``k`` columns
     runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA).
-    ``hvp_count`` counts vectors multiplied.
+    ``hvp_count`` counts vectors multiplied. A NaN/inf gradient or product raises
+    :class:`~sharpness.functional.NonFiniteError` naming it, never a silent NaN.
 
     ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``) or
     ``"autograd"`` (double backward with ``is_grads_batched`` on a gradient graph built once and reused).
@@ -107,7 +116,8 @@ class HessianOperator:
     def gradient(self) -> Tensor:
         """Flat ``nabla L(theta)`` (one gradient)."""
         self.grad_count += 1
-        return sum(w * grad(f)(self.theta) for w, f in self._flat_terms())  # type: ignore[return-value]
+        g = sum(w * grad(f)(self.theta) for w, f in self._flat_terms())
+        return require_finite_gradient(g, self.fl.params)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- products
     def matvec(self, v: Tensor) -> Tensor:
@@ -122,7 +132,11 @@ class HessianOperator:
         rows = V.T.contiguous()
         out = [self._hvp_rows(rows[i : i + self.chunk]) for i in range(0, rows.shape[0], self.chunk)]
         self.hvp_count += rows.shape[0]
-        return torch.cat(out, 0).T.contiguous() if out else V.clone()
+        if not out:
+            return V.clone()
+        return require_finite(
+            torch.cat(out, 0).T.contiguous(), "a Hessian-vector product at the measured weights"
+        )
 
     def _hvp_rows(self, rows: Tensor) -> Tensor:
         if self.backend == "func":
@@ -146,10 +160,14 @@ class HessianOperator:
         """One differentiable gradient per batch, built once and reused by every product."""
         if self._graphs is None:
             graphs = []
-            for w, f in self._flat_terms():
+            terms = self._flat_terms()
+            for i, (w, f) in enumerate(terms):
                 t = self.theta.clone().requires_grad_(True)
+                where = "the measured weights" + (f" (batch {i} of {len(terms)})" if len(terms) > 1 else "")
                 with torch.enable_grad():
-                    (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+                    loss = require_finite(f(t), f"the loss at {where}")
+                    (g,) = torch.autograd.grad(loss, t, create_graph=True)
+                require_finite_gradient(g, self.fl.params, where)
                 graphs.append((w, t, g))
             self._graphs = graphs
         return self._graphs
