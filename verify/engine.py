@@ -219,7 +219,7 @@ def run(
     if resume:
         if outp is None:
             raise ConfigError("resume needs the run directory (out)")
-        state, execution = load_ckpt(outp, problem.device)
+        state, execution = load_ckpt(outp, problem.device, problem.m, problem.num_params, problem.buffers)
         if state.step > config.steps:
             raise ConfigError(f"the checkpoint is at step {state.step}, beyond steps={config.steps}")
     else:

@@ -4,7 +4,8 @@
   versions}}``.
 - ``metrics.csv``: header written once; one row appended and flushed per log; a resumed run first drops the
   rows logged after its checkpoint, so the file ends as an uninterrupted run's would.
-- ``ckpt.pt`` (atomic): all workers stacked (``W`` (m, d)), BatchNorm buffers, momentum, RNG states, step.
+- ``ckpt.pt`` (atomic): all workers stacked (``W`` (m, d)), BatchNorm buffers, momentum, RNG states (uint8
+  tensors), step: tensors and plain data only, read back with ``weights_only=True`` (:func:`read_ckpt`).
 - ``avg.pt`` (atomic): the average model in the toolkit's self-describing format
   (:func:`sharpness.checkpoint.save_checkpoint`), so ``sharpness RUN/avg.pt`` needs no ``--arch``.
 - ``result.json`` (atomic): ``diverged``, ``diverged_at``, the last metrics row, wall time.
@@ -16,6 +17,7 @@ import copy
 import csv
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -119,19 +121,62 @@ def save_ckpt(out: Path, state: State, execution: str, config: dict[str, Any]) -
     atomic_torch_save(payload, out / "ckpt.pt")
 
 
-def load_ckpt(out: Path, device: torch.device) -> tuple[State, str]:
-    path = out / "ckpt.pt"
-    if not path.is_file():
-        raise RunDirError(f"{out} holds no checkpoint (ckpt.pt) to resume from")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+def read_ckpt(path: Path) -> dict[str, Any]:
+    """``ckpt.pt`` as a dict, read with ``torch.load(weights_only=True)`` (tensors, dicts, lists, numbers and
+    strings: nothing in the file is imported or called). A file that needs a full unpickler, a truncated or
+    corrupt file, or one of another format raises a one-line :class:`RunDirError` naming it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunDirError(
+            f"{path} holds objects other than tensors and plain data; refused, because loading it would run "
+            "code from the file (every checkpoint dsgd-verify writes loads safely)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ValueError... for bad files
+        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise RunDirError(f"{path} is not a readable checkpoint (truncated or corrupt: {text})") from None
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise RunDirError(f"{path} is not a verify run checkpoint ({CKPT_FORMAT})")
+    rng, bufs, mom, W = obj.get("rng"), obj.get("buffers"), obj.get("momentum"), obj.get("W")
+    ok = (
+        isinstance(obj.get("step"), int) and obj["step"] >= 0 and isinstance(obj.get("execution"), str)
+        and isinstance(W, torch.Tensor) and W.dim() == 2 and W.is_floating_point()
+        and (mom is None or (isinstance(mom, torch.Tensor) and mom.shape == W.shape))
+        and isinstance(bufs, dict) and all(isinstance(v, torch.Tensor) for v in bufs.values())
+        and isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+        and rng["torch"].dtype == torch.uint8
+    )  # fmt: skip
+    if not ok:
+        raise RunDirError(
+            f"{path} is a damaged verify run checkpoint (a field is missing or of the wrong type)"
+        )
+    return obj
+
+
+def load_ckpt(
+    out: Path, device: torch.device, m: int, d: int, buffers: dict[str, torch.Tensor]
+) -> tuple[State, str]:
+    """The :class:`State` in ``out/ckpt.pt`` (checked against ``m`` workers of ``d`` parameters and the
+    model's ``buffers``) and its execution; restores the torch RNG state saved with it."""
+    path = out / "ckpt.pt"
+    if not path.is_file():
+        raise RunDirError(
+            f"{out} holds no checkpoint (ckpt.pt) to resume from: start the run again with --overwrite"
+        )
+    obj = read_ckpt(path)
+    W, bufs = obj["W"], obj["buffers"]
+    want = {k: (m, *v.shape) for k, v in buffers.items()}
+    if tuple(W.shape) != (m, d) or {k: tuple(v.shape) for k, v in bufs.items()} != want:
+        raise RunDirError(
+            f"{path} holds {W.shape[0]} workers of {W.shape[1]} parameters (buffers {sorted(bufs)}); the run "
+            f"has {m} of {d} (buffers {sorted(want)})"
+        )
     torch.set_rng_state(obj["rng"]["torch"])
     if "cuda" in obj["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(obj["rng"]["cuda"])
     mom = obj["momentum"]
     state = State(
-        obj["W"].to(device), {k: v.to(device) for k, v in obj["buffers"].items()},
+        W.to(device), {k: v.to(device) for k, v in bufs.items()},
         None if mom is None else mom.to(device), int(obj["step"]),
     )  # fmt: skip
     return state, str(obj["execution"])

@@ -84,7 +84,7 @@ def test_ranks_equal_simulation(launched, name):
     else:
         assert saved["run"]["engine"] == "torch.distributed" and saved["run"]["world_size"] == PROCS
     sim = run(RunConfig.from_dict(saved["config"]), None, progress=False)  # replay its config.json simulated
-    W = torch.load(out / "ckpt.pt", weights_only=False)["W"]  # every rank's row, gathered by rank 0
+    W = torch.load(out / "ckpt.pt", weights_only=True)["W"]  # every rank's row, gathered by rank 0
     assert W.shape == sim.state.W.shape and W.dtype == torch.float64
     assert float((W - sim.state.W).abs().max()) < 1e-12
     if name == "csgd":

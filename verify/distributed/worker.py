@@ -133,7 +133,10 @@ def _gather_state(comm: Comm, state: State) -> State | None:
 
 def _resume_state(comm: Comm, out: Path, like: State) -> State:
     """Rank 0 reads ``out/ckpt.pt``; row j goes to rank j."""
-    full = load_ckpt(out, torch.device("cpu"))[0] if comm.rank == 0 else None
+    full = None
+    if comm.rank == 0:
+        bufs = {k: v[0] for k, v in like.buffers.items()}
+        full = load_ckpt(out, torch.device("cpu"), comm.world, like.W.shape[1], bufs)[0]
     head = torch.tensor([full.step, full.momentum is not None] if full else [0, 0], dtype=torch.float64)
     step, has_mom = (int(v) for v in comm.broadcast(head.to(comm.device), "broadcast of the checkpoint step"))
     dev = comm.device
