@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms import ALGORITHMS
-from .config import RunConfig
+from .config import CODE_OPTIONS, RunConfig, check_trusted
 from .models import BUILDERS
 from .stacked import EXECUTIONS
 
@@ -133,6 +133,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="continue RUN (or --out) from its checkpoint; the result equals an uninterrupted run",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the run files already in --out")
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="let a configuration read from a file (--resume's config.json, --config) import and call the "
+        "MODULE:CALLABLE models, losses and data specs it names; without it only the toolkit's own are used",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")  # fmt: skip
 
@@ -147,6 +153,14 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return cfg
 
 
+def trusted_base(config: RunConfig, source: str, args: argparse.Namespace) -> RunConfig:
+    """``config``, read from the file ``source``, once :func:`verify.config.check_trusted` lets it name the
+    code it names (given on the command line, or ``--trust-config``)."""
+    given = {name for name in CODE_OPTIONS if getattr(args, name, None) is not None}
+    check_trusted(config, source, given, bool(getattr(args, "trust_config", False)))
+    return config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "launcher", "none") != "none":  # one process per worker: verify.distributed
         from .distributed.launch import cmd_launch
@@ -158,7 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.resume if isinstance(args.resume, str) else args.out
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
-    base = RunConfig.from_dict(read_config(Path(out))["config"]) if args.resume else None
+    base = None
+    if args.resume:
+        base = trusted_base(RunConfig.from_dict(read_config(Path(out))["config"]), f"{out}/config.json", args)
     cfg = config_from_args(args, base)
     res = run(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
     last = res.metrics[-1] if res.metrics else {}

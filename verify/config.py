@@ -1,9 +1,15 @@
 """``RunConfig``: every setting of one verify run, JSON round-trippable; and the problem it describes.
 
 A run is either a neural network on a data set (``data`` + ``model`` + ``model_kwargs``) or a closed-form loss
-(``closed_form``: ``{"loss": "quadratic", "h": [...]}`` for ``L = 1/2 sum_i h_i w_i^2``, or ``{"loss":
+(``closed_form``: ``{"loss": "quadratic", "h": [...]}`` for ``L = 1/2 sum_i h_i w_i^2``, ``{"loss": "cos" |
+"abs" | "power", "kwargs": {...}}`` for the other test losses of :mod:`verify.losses`, or ``{"loss":
 "MODULE:CALLABLE", "kwargs": {...}}`` for any importable loss object, plus ``w0``, ``noise_std``,
 ``init_spread``). In memory, :func:`verify.engine.run` also accepts a ready :class:`~verify.problems.Problem`.
+
+Trust: a configuration read from a file (a run's ``config.json`` on ``--resume``, ``--config``) may name only
+the toolkit's own models (:data:`verify.models.BUILDERS`), closed-form losses (:data:`CLOSED_FORM_LOSSES`) and
+data specs; :func:`code_settings` lists the settings that would import and call anything else, and the command
+line refuses them unless the user passes them as options or ``--trust-config``.
 """
 
 from __future__ import annotations
@@ -17,11 +23,18 @@ from typing import Any
 import torch
 
 from .algorithms import ALGORITHMS
+from .losses import AbsLoss, CosLoss, PowerLoss, QuadraticLoss
 from .models import BUILDERS
 from .problems import STREAM_INIT, ClosedFormProblem, ModelProblem, Problem, generator
 from .stacked import EXECUTIONS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Closed-form losses any configuration may name (also as ``verify.losses:CLASS``): no import, no user code.
+CLOSED_FORM_LOSSES = {"quadratic": QuadraticLoss, "cos": CosLoss, "abs": AbsLoss, "power": PowerLoss}
+#: Data specs that read data and never import code (sharpness.data); anything else with a colon is a callable.
+DATA_SPECS = ("digits", "synthetic", "cifar10", "fashion-mnist", "mnist")
+#: The command-line option that sets each code-naming setting.
+CODE_OPTIONS = {"model": "--model", "closed_form": "--closed-form", "data": "--data"}
 
 
 class ConfigError(ValueError):
@@ -119,6 +132,55 @@ class RunConfig:
         return self
 
 
+def _known_loss(name: Any) -> Any:
+    """The class of :data:`CLOSED_FORM_LOSSES` that ``name`` (``cos`` or ``verify.losses:CosLoss``) names,
+    else None."""
+    if not isinstance(name, str):
+        return None
+    by_path = {f"verify.losses:{cls.__name__}": cls for cls in CLOSED_FORM_LOSSES.values()}
+    return CLOSED_FORM_LOSSES.get(name) or by_path.get(name)
+
+
+def data_is_callable(spec: Any) -> bool:
+    """Whether the data spec names a ``MODULE:CALLABLE`` (importing and calling it), not data to read."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return False
+    head = spec.partition(":")[0]
+    return head not in DATA_SPECS and not spec.lower().endswith((".pt", ".pth", ".npz"))
+
+
+def code_settings(config: RunConfig) -> dict[str, str]:
+    """The settings of ``config`` that would import and call code outside the toolkit's allow-list
+    (setting -> the ``MODULE:CALLABLE`` it names): a model not in ``BUILDERS``, a closed-form loss not in
+    :data:`CLOSED_FORM_LOSSES`, a data spec that is a callable."""
+    out: dict[str, str] = {}
+    if config.closed_form is not None:
+        loss = config.closed_form.get("loss", "quadratic") if isinstance(config.closed_form, dict) else None
+        if _known_loss(loss) is None:
+            out["closed_form"] = str(loss)
+        return out
+    if config.model not in BUILDERS:
+        out["model"] = str(config.model)
+    if data_is_callable(config.data):
+        out["data"] = str(config.data)
+    return out
+
+
+def check_trusted(config: RunConfig, source: str, given: set[str], trust: bool) -> None:
+    """Refuse (one-line :class:`ConfigError`) a configuration read from the file ``source`` that names code
+    (:func:`code_settings`), unless the user gave that setting on the command line (``given``) or
+    ``trust``."""
+    if trust:
+        return
+    for name, target in code_settings(config).items():
+        if name not in given:
+            raise ConfigError(
+                f"{source} names {name} {target!r}, which would import and run code from outside the "
+                f"toolkit; refused: give it on the command line ({CODE_OPTIONS[name]} ...) or add "
+                "--trust-config if you trust the file"
+            )
+
+
 def _infer_kwargs(
     name: str, x_shape: tuple[int, ...], num_classes: int | None, kwargs: dict[str, Any]
 ) -> dict:
@@ -150,10 +212,11 @@ def _builder(name: str) -> tuple[Any, str]:
 
 def _closed_form_loss(spec: dict[str, Any]) -> Any:
     loss = spec.get("loss", "quadratic")
-    if loss == "quadratic":
-        from .losses import QuadraticLoss  # 1/2 sum_i h_i w_i^2 with a closed-form batched gradient
-
+    known = _known_loss(loss)
+    if known is QuadraticLoss:  # 1/2 sum_i h_i w_i^2 with a closed-form batched gradient
         return QuadraticLoss(spec["h"])
+    if known is not None:
+        return known(**spec.get("kwargs", {}))
     from sharpness.importing import import_callable
 
     return import_callable(loss, what="closed-form loss", error=ConfigError)(**spec.get("kwargs", {}))

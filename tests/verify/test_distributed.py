@@ -113,8 +113,8 @@ def test_failed_rank_is_named_and_nothing_is_left(tmp_path, kind):
                     dtype="float64", device="cpu", log_every=10, ensemble=False,
                     closed_form=faulty)  # fmt: skip
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    args = ["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--timeout", str(timeout),
-            "--no-progress"]  # fmt: skip
+    args = ["--config", str(tmp_path / "cfg.json"), "--trust-config", "--out", str(tmp_path / "run"),
+            "--timeout", str(timeout), "--no-progress"]  # fmt: skip
     res = launch_local(args, PROCS, timeout=timeout, log_dir=tmp_path)
     end = time.time()
     fault = float(stamp.read_text())

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import config_from_args
+from ..cli import config_from_args, trusted_base
 from ..config import RunConfig
 from ..rundir import read_config
 
@@ -45,9 +45,9 @@ def config_for(args: argparse.Namespace, world: int) -> RunConfig:
     out = args.resume if isinstance(args.resume, str) else args.out
     base = None
     if getattr(args, "config", None):
-        base = load_config_file(args.config)
+        base = trusted_base(load_config_file(args.config), str(args.config), args)
     elif args.resume and out is not None:
-        base = RunConfig.from_dict(read_config(Path(out))["config"])
+        base = trusted_base(RunConfig.from_dict(read_config(Path(out))["config"]), f"{out}/config.json", args)
     cfg = config_from_args(args, base)
     if args.workers is None and base is None:
         cfg.workers = world

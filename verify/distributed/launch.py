@@ -199,7 +199,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dsgd-launch-") as tmp:
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg.to_dict()))
-        rest = ["--config", str(path), "--timeout", str(args.timeout), "--backend", args.backend]
+        # the ranks read back the configuration checked above (config_for), written by this process
+        rest = [
+            "--config",
+            str(path),
+            "--trust-config",
+            "--timeout",
+            str(args.timeout),
+            "--backend",
+            args.backend,
+        ]
         rest += ["--measure-timeout", str(args.measure_timeout)]
         rest += ["--resume", str(out)] if args.resume else ["--out", str(out)]
         rest += ["--overwrite"] * bool(args.overwrite) + ["--no-progress"] * bool(args.no_progress)
