@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sharpness.arguments import OneLineParser
+
 from .algorithms import ALGORITHMS
-from .config import CODE_OPTIONS, RunConfig, check_trusted
+from .config import CODE_OPTIONS, ConfigError, RunConfig, check_trusted
 from .models import BUILDERS
 from .stacked import EXECUTIONS
 
@@ -153,9 +155,29 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return cfg
 
 
-def trusted_base(config: RunConfig, source: str, args: argparse.Namespace) -> RunConfig:
-    """``config``, read from the file ``source``, once :func:`verify.config.check_trusted` lets it name the
-    code it names (given on the command line, or ``--trust-config``)."""
+def run_folder(args: argparse.Namespace) -> str | None:
+    """The run directory: ``--resume RUN`` or ``--out DIR``; refuses both naming different folders (a resumed
+    run continues in its own folder)."""
+    if isinstance(args.resume, str):
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ValueError(
+                f"--resume {args.resume} continues that run in its own folder, but --out says {args.out}: "
+                "give one of them"
+            )
+        return args.resume
+    return args.out
+
+
+def trusted_base(saved: object, source: str, args: argparse.Namespace) -> RunConfig:
+    """The configuration ``saved`` read from the file ``source`` (errors name the file), once
+    :func:`verify.config.check_trusted` lets it name the code it names (given on the command line, or
+    ``--trust-config``)."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source} does not hold a run configuration (a JSON object of settings)")
+    try:
+        config = RunConfig.from_dict(saved).validate()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
     given = {name for name in CODE_OPTIONS if getattr(args, name, None) is not None}
     check_trusted(config, source, given, bool(getattr(args, "trust_config", False)))
     return config
@@ -169,12 +191,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine import run
     from .rundir import read_config
 
-    out = args.resume if isinstance(args.resume, str) else args.out
+    out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
     base = None
     if args.resume:
-        base = trusted_base(RunConfig.from_dict(read_config(Path(out))["config"]), f"{out}/config.json", args)
+        base = trusted_base(read_config(Path(out))["config"], f"{out}/config.json", args)
     cfg = config_from_args(args, base)
     res = run(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
     last = res.metrics[-1] if res.metrics else {}
@@ -186,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser(with_check: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsgd-verify", description=DESCRIPTION,
+    parser = OneLineParser(prog="dsgd-verify", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
@@ -239,6 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dsgd-verify: error: {text}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, or user code that failed mid-run: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"dsgd-verify: internal error: {type(exc).__name__}: {text} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

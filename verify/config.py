@@ -37,6 +37,14 @@ DATA_SPECS = ("digits", "synthetic", "cifar10", "fashion-mnist", "mnist")
 CODE_OPTIONS = {"model": "--model", "closed_form": "--closed-form", "data": "--data"}
 
 
+#: The JSON types each kind of RunConfig field accepts (by its annotation).
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+    "int | None": (int, type(None)), "float | None": (int, float, type(None)), "list[int]": (list,),
+    "str | list": (str, list), "dict[str, Any]": (dict,), "dict[str, Any] | None": (dict, type(None)),
+}  # fmt: skip
+
+
 class ConfigError(ValueError):
     """A bad run setting; the message is one line naming the problem."""
 
@@ -95,6 +103,13 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every setting; raise :class:`ConfigError` with one line naming the first bad one."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), FIELD_TYPES[str(f.type)]
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise ConfigError(f"setting {f.name} must be {names}; got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2^63); got {self.seed}")
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
         for name in ("workers", "local_batch", "local_steps"):
@@ -211,15 +226,63 @@ def _builder(name: str) -> tuple[Any, str]:
 
 
 def _closed_form_loss(spec: dict[str, Any]) -> Any:
+    """The loss object ``spec`` names, built with its keyword arguments; one-line :class:`ConfigError` for a
+    missing or bad setting, or a constructor that raises."""
     loss = spec.get("loss", "quadratic")
     known = _known_loss(loss)
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"closed_form kwargs must be a JSON object; got {kwargs!r}")
     if known is QuadraticLoss:  # 1/2 sum_i h_i w_i^2 with a closed-form batched gradient
-        return QuadraticLoss(spec["h"])
-    if known is not None:
-        return known(**spec.get("kwargs", {}))
-    from sharpness.importing import import_callable
+        h = spec.get("h")
+        if not isinstance(h, list) or not h or not all(_is_number(v) and math.isfinite(v) for v in h):
+            raise ConfigError(
+                f'the quadratic closed-form loss needs "h": a non-empty list of finite numbers; got {h!r}'
+            )
+        return QuadraticLoss(h)
+    if known is None:
+        from sharpness.importing import import_callable
 
-    return import_callable(loss, what="closed-form loss", error=ConfigError)(**spec.get("kwargs", {}))
+        known = import_callable(loss, what="closed-form loss", error=ConfigError)
+    try:
+        return known(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the constructor rejected its arguments: one line
+        raise ConfigError(f"closed-form loss {loss!r} with kwargs {kwargs}: {_first_line(exc)}") from None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _check_finite_data(data: Any, spec: str, split: str) -> None:
+    """Refuse NaN/inf inputs or float targets (they would pass for a divergence of the training)."""
+    for name, t in (("inputs", data.x), ("targets", data.y)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"data {spec!r} ({split} split): {bad} of its {name} are NaN or inf")
+
+
+def check_problem(problem: Problem, what: str) -> None:
+    """One local loss and gradient (worker 0, step 0) before anything is written, so that a model that does
+    not fit the data or a loss that fails is one line naming ``what``. Cost: one gradient on one batch."""
+    try:
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in problem.params.items()}
+        loss = problem.loss(params, {k: v.clone() for k, v in problem.buffers.items()}, problem.batch(0, 0))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            kind = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"{what}: the loss returned {kind}, not a scalar tensor")
+        torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        batch = tuple(b.unsqueeze(0) for b in problem.batch(0, 0))
+        problem.analytic_grads(problem.init_stacked()[0][:1], batch)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model or loss failed: one line
+        raise ConfigError(f"{what}: the first local loss and gradient failed: {_first_line(exc)}") from None
 
 
 def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -> Problem:
@@ -228,12 +291,19 @@ def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -
     if config.closed_form is not None:
         spec = dict(config.closed_form)
         L = _closed_form_loss(spec)
-        d = len(spec["h"]) if "h" in spec else int(spec.get("d", getattr(L, "d", 0)))
-        w0 = torch.as_tensor(spec.get("w0", [0.0] * d), dtype=torch.float64)
-        return ClosedFormProblem(
-            L, w0, m=m, local_batch=b, noise_std=spec.get("noise_std", 0.0), seed=config.seed,
-            init_spread=spec.get("init_spread", 0.0), device=device, dtype=dtype,
-        )  # fmt: skip
+        d = len(spec["h"]) if "h" in spec else spec.get("d", getattr(L, "d", 0))
+        if not isinstance(d, int) or d < 1:
+            raise ConfigError(f'closed_form: give "w0" or the dimension "d" (an integer >= 1); got d={d!r}')
+        try:
+            w0 = torch.as_tensor(spec.get("w0", [0.0] * d), dtype=torch.float64)
+            problem = ClosedFormProblem(
+                L, w0, m=m, local_batch=b, noise_std=spec.get("noise_std", 0.0), seed=config.seed,
+                init_spread=float(spec.get("init_spread", 0.0)), device=device, dtype=dtype,
+            )  # fmt: skip
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"closed_form {spec}: {_first_line(exc)}") from None
+        check_problem(problem, f"closed-form loss {spec.get('loss', 'quadratic')!r}")
+        return problem
     from sharpness.data import load_dataset
 
     train = load_dataset(config.data, split="train", samples=config.samples, seed=config.seed)
@@ -241,6 +311,9 @@ def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -
         test = load_dataset(config.data, split="test", samples=config.test_samples, seed=config.seed)
     except ValueError:
         test = None
+    for data, split in ((train, "train"), (test, "test")):
+        if data is not None:
+            _check_finite_data(data, config.data, split)
     fn, arch = _builder(config.model)
     kwargs = _infer_kwargs(config.model, tuple(train.x.shape[1:]), train.num_classes, config.model_kwargs)
     build = functools.partial(fn, **kwargs)
@@ -248,9 +321,19 @@ def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -
         torch.manual_seed(
             int(torch.randint(2**62, (1,), generator=generator(config.seed, STREAM_INIT, 2**20)))
         )
-        model = build()
+        try:
+            model = build()
+        except Exception as exc:  # noqa: BLE001 - the builder rejected its arguments: one line
+            raise ConfigError(f"model {config.model!r} with {kwargs}: {_first_line(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model {config.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    from sharpness.inputs import check_fit
+
+    check_fit(model, train.x, train.y, "ce" if train.num_classes else "mse", name=f"data {config.data!r}")
     loss_fn = torch.nn.functional.cross_entropy if train.num_classes else torch.nn.functional.mse_loss
-    return ModelProblem(
+    problem = ModelProblem(
         model, train, test, m=m, local_batch=b, seed=config.seed, alpha=config.alpha, loss_fn=loss_fn,
         device=device, dtype=dtype, init=config.init, builder=build, arch=arch, arch_kwargs=kwargs,
     )  # fmt: skip
+    check_problem(problem, f"model {config.model!r} on data {config.data!r}")
+    return problem

@@ -68,11 +68,27 @@ def write_config(out: Path, config: dict[str, Any], run: dict[str, Any]) -> None
     write_json(out / "config.json", {"config": config, "run": run})
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; one-line :class:`RunDirError` naming the file if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def read_config(out: Path) -> dict[str, Any]:
+    """``out/config.json`` as ``{"config": {...}, "run": {...}}`` (one line naming the file otherwise)."""
     path = out / "config.json"
     if not path.is_file():
         raise RunDirError(f"{out} holds no config.json: not a run directory")
-    return json.loads(path.read_text())
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict):
+        raise RunDirError(f'{path} is not a run\'s config.json (no "config" object)')
+    return obj
 
 
 class MetricsWriter:

@@ -127,3 +127,125 @@ def test_distributed_config_file_naming_code_is_refused(tmp_path):
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "--trust-config" in res.stderr, res.stderr
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- item 13: one line, no run folder
+DIGITS = ["--data", "digits", "--samples", "64", "--test-samples", "32", "--model", "mlp"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [('{"in_features": 10}', "do not fit the model"), ('{"num_classes": 3}', "labels range over 0..9"),
+     ('{"foo": 1}', "unexpected keyword argument 'foo'")],
+)  # fmt: skip
+def test_model_that_does_not_fit_the_data_is_one_line_and_no_folder(tmp_path, capsys, kwargs, text):
+    out = tmp_path / "run"
+    err = one_line_exit_2(main(["run", *TINY, *DIGITS, "--model-kwargs", kwargs, "--out", str(out)]), capsys)
+    assert text in err and not out.exists()
+
+
+BAD_LOSS = """\
+class Bad:
+    d = 2
+
+    def __call__(self, w):
+        raise RuntimeError("boom from the user's loss")
+"""
+
+
+@pytest.mark.parametrize("case", ["h-string", "h-missing", "loss-raises"])
+def test_bad_closed_form_is_one_line_and_no_folder(tmp_path, capsys, case):
+    spec = {"h-string": {"loss": "quadratic", "h": "abc"}, "h-missing": {"loss": "quadratic"}}.get(case)
+    if case == "loss-raises":
+        (tmp_path / "badloss.py").write_text(BAD_LOSS)
+        spec = {"loss": f"{tmp_path / 'badloss.py'}:Bad", "d": 2}
+    out = tmp_path / "run"
+    err = one_line_exit_2(main(["run", *TINY, "--closed-form", json.dumps(spec), "--out", str(out)]), capsys)
+    assert not out.exists()
+    assert (
+        ("boom from the user's loss" in err)
+        if case == "loss-raises"
+        else ('"h"' in err and "quadratic" in err)
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_ckpt_on_resume_is_one_line_naming_it(tmp_path, capsys, damage):
+    out = quad_run(tmp_path)
+    raw = (out / "ckpt.pt").read_bytes()
+    damaged = {"truncated": raw[: len(raw) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage]
+    (out / "ckpt.pt").write_bytes(damaged)
+    capsys.readouterr()
+    err = one_line_exit_2(main(["run", "--resume", str(out), "--steps", "6", "--no-progress"]), capsys)
+    assert str(out / "ckpt.pt") in err and "invalid literal" not in err
+
+
+# ---------------------------------------------------------------- item 18: messages say what is wrong
+def test_huge_seed_is_named(tmp_path, capsys):
+    err = one_line_exit_2(main(["run", "--closed-form", json.dumps(QUAD), *TINY, "--seed", str(2**80),
+                                "--out", str(tmp_path / "r")]), capsys)  # fmt: skip
+    assert "seed" in err and "Overflow" not in err
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"config": {"workers": "many"}}'])
+def test_corrupt_config_json_names_the_file(tmp_path, capsys, content):
+    out = quad_run(tmp_path)
+    (out / "config.json").write_text(content)
+    capsys.readouterr()
+    err = one_line_exit_2(main(["run", "--resume", str(out), "--no-progress"]), capsys)
+    assert str(out / "config.json") in err
+
+
+def test_resume_with_a_different_out_is_refused(tmp_path, capsys):
+    out = quad_run(tmp_path)
+    capsys.readouterr()
+    other = tmp_path / "other"
+    err = one_line_exit_2(main(["run", "--resume", str(out), "--out", str(other), "--no-progress"]), capsys)
+    assert "--out" in err and not other.exists()
+    assert main(["run", "--resume", str(out), "--out", str(out), "--steps", "6", "--no-progress"]) == 0
+
+
+# ---------------------------------------------------------------- item 19: option errors are one line
+@pytest.mark.parametrize(
+    "command, argv",
+    [("verify", ["run", "--lr", "abc"]), ("verify", ["bogus"]), ("verify", ["run", "--nope"]),
+     ("figures", ["--preset", "nope"]), ("figures", ["--seeds", "x"])],
+)  # fmt: skip
+def test_option_errors_are_one_line_with_a_pointer_to_help(capsys, command, argv):
+    from figures.cli import main as figures_main
+
+    with pytest.raises(SystemExit) as exc:
+        (main if command == "verify" else figures_main)(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--help" in err, err
+
+
+def test_empty_csv_mixing_matrix_is_one_line(tmp_path, capsys):
+    (tmp_path / "P.csv").write_text("")
+    argv = ["run", "--closed-form", json.dumps(QUAD), *TINY, "--topology", str(tmp_path / "P.csv"),
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    with warnings_as_output():
+        err = one_line_exit_2(main(argv), capsys)
+    assert "P.csv" in err
+
+
+def warnings_as_output():
+    """Show warnings on stderr as a user would see them (pytest would otherwise collect them)."""
+    import contextlib
+    import sys
+    import warnings
+
+    @contextlib.contextmanager
+    def show():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            old = warnings.showwarning
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: print(
+                warnings.formatwarning(m, c, f, n, line), file=sys.stderr, end=""
+            )
+            try:
+                yield
+            finally:
+                warnings.showwarning = old
+
+    return show()

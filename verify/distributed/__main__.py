@@ -16,7 +16,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ..cli import add_run_arguments
+from sharpness.arguments import OneLineParser
+
+from ..cli import add_run_arguments, run_folder
 from .args import add_distributed_arguments, config_for
 from .comm import Comm, DistributedRunError, close, connect
 from .worker import Options, run_rank
@@ -27,7 +29,7 @@ Multi-host: the same command on every host with torchrun's --nnodes/--node-rank/
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m verify.distributed",
         epilog=EPILOG,
         description="Real multi-process D-SGD: one worker per torch.distributed rank.",
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = config_for(args, world)
         cfg.validate()
-        out = args.resume if isinstance(args.resume, str) else args.out
+        out = run_folder(args)
         comm = connect(args.timeout, args.backend, cfg.device)
         opts = Options(
             args.timeout, args.measure_timeout, not args.no_progress, bool(args.resume), args.overwrite

@@ -186,9 +186,10 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     """``dsgd-verify run --launcher torchrun|local --procs N ...``: write the configuration to a temporary
     ``config.json``, start the ranks on loopback with ``--config`` pointing at it, return their status."""
+    from ..cli import run_folder
     from .args import config_for
 
-    out = args.resume if isinstance(args.resume, str) else args.out
+    out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
     procs = args.procs if args.procs is not None else args.workers
