@@ -249,3 +249,17 @@ def warnings_as_output():
                 warnings.showwarning = old
 
     return show()
+
+
+# ---------------------------------------------------------------- item 10: non-finite data refused at load
+@pytest.mark.parametrize("where", ["x", "y"])
+def test_non_finite_training_data_is_refused_naming_the_file(tmp_path, capsys, where):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g), torch.randn(40, 3, generator=g)
+    (x if where == "x" else y)[3, 1] = float("nan")
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    out = tmp_path / "run"
+    argv = ["run", *TINY, "--data", str(tmp_path / "data.pt"), "--model", "mlp", "--out", str(out),
+            "--model-kwargs", '{"num_classes": 3}']  # fmt: skip
+    err = one_line_exit_2(main(argv), capsys)
+    assert "data.pt" in err and "NaN" in err and "diverged" not in err and not out.exists()
