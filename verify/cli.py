@@ -97,7 +97,9 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--hess-samples", "hess_samples", _opt_int, "HVPs on a fixed seeded subset of the training set"),
     ("--drift-every", "drift_every", int, "drift every N steps, m+1 full gradients (0: never)"),
     ("--sharpness-every", "sharpness_every", int, "Tr H (Hutchinson) and lambda_max (Lanczos) every N steps"),
-    ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps (always at the end)"),
+    ("--ckpt-every", "ckpt_every", int, "also checkpoint every N steps (always at the start and the end)"),
+    ("--ckpt-seconds", "ckpt_seconds", float, "also checkpoint once this much wall time (s) has passed since"
+     " the last checkpoint (0: off)"),
     ("--execution", "execution", str, f"{', '.join(EXECUTIONS)}: how the m local gradients are computed"),
     ("--rho", "rho", float, "SAM radius rho"),
     ("--sigma", "sigma", float, "avgsam perturbation scale sigma"),

@@ -84,6 +84,7 @@ class RunConfig:
     ensemble: bool = True
     sharpness_every: int = 0
     ckpt_every: int = 0
+    ckpt_seconds: float = 60.0
     execution: str = "auto"
     mix_buffers: bool = False
     rho: float = 0.05
@@ -126,7 +127,7 @@ class RunConfig:
         ):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
-        for name in ("lr", "momentum", "weight_decay", "rho", "sigma"):
+        for name in ("lr", "momentum", "weight_decay", "rho", "sigma", "ckpt_seconds"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0; got {v}")

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any]
         return
     used = [f for f in FILES if (out / f).exists()]
     if used and not overwrite:
-        raise RunDirError(f"{out} already holds a run ({used[0]}); resume it or choose another output folder")
+        raise RunDirError(
+            f"{out} already holds a run ({used[0]}): continue it with --resume {out}, replace it with "
+            "--overwrite, or choose another output folder"
+        )
     for f in used:
         (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -97,10 +101,9 @@ class MetricsWriter:
     def __init__(self, path: Path, columns: list[str], keep_until: int | None = None) -> None:
         self.path, self.columns = path, list(columns)
         if keep_until is not None and path.is_file():
-            with path.open(newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.columns = list(reader.fieldnames or columns)
-                rows = [r for r in reader if int(r["step"]) <= keep_until]
+            header, complete = parse_metrics(path)
+            self.columns = header or list(columns)
+            rows = [r for r in complete if float(r["step"]) <= keep_until]
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
             w.writeheader()
@@ -116,25 +119,108 @@ class MetricsWriter:
             fh.flush()
 
 
+def _parses(row: dict[Any, Any]) -> bool:
+    """Every cell present, and a number or empty; ``step`` an integer."""
+    if None in row or any(v is None for v in row.values()):
+        return False
+    try:
+        cells = [float(v) for v in row.values() if v != ""]
+        step = float(row.get("step", "x"))
+    except ValueError:
+        return False
+    return bool(cells) and step == int(step)
+
+
+def parse_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the complete rows of ``metrics.csv``: a last line without its newline (torn by a kill or
+    a power loss mid-write) and any row that does not parse (:func:`_parses`) are dropped."""
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    header = list(reader.fieldnames or [])
+    return header, [r for r in reader if _parses(r)]
+
+
 def read_metrics(out: Path) -> list[dict[str, float | None]]:
-    """``metrics.csv`` as a list of dicts of floats (empty cells -> None)."""
-    with (Path(out) / "metrics.csv").open(newline="") as fh:
-        return [
-            {k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(fh)
-        ]
+    """``metrics.csv`` as a list of dicts of floats (empty cells -> None); rows that do not parse are
+    skipped (:func:`parse_metrics`)."""
+    rows = parse_metrics(Path(out) / "metrics.csv")[1]
+    return [{k: (float(v) if v != "" else None) for k, v in r.items()} for r in rows]
 
 
-def save_ckpt(out: Path, state: State, execution: str, config: dict[str, Any]) -> None:
+def rng_states() -> dict[str, Any]:
+    """The global RNG states a checkpoint restores, as uint8 tensors: torch's CPU generator (and CUDA's)."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save_ckpt(
+    out: Path, state: State, execution: str, config: dict[str, Any], rng: dict[str, Any] | None = None
+) -> None:
+    """Write ``out/ckpt.pt`` atomically: ``state`` and the RNG states ``rng`` (default: the current ones)."""
     payload = {
         "format": CKPT_FORMAT, "step": state.step, "W": state.W.detach().cpu(),
         "buffers": {k: v.detach().cpu() for k, v in state.buffers.items()},
         "momentum": None if state.momentum is None else state.momentum.detach().cpu(),
-        "execution": execution, "rng": rng, "config": config,
+        "execution": execution, "rng": rng_states() if rng is None else rng, "config": config,
     }  # fmt: skip
     atomic_torch_save(payload, out / "ckpt.pt")
+
+
+class Checkpoints:
+    """When ``ckpt.pt`` is written, and which state, in both run loops (simulated and distributed).
+
+    Written: the starting state of a new run (so every run can be resumed from its first step on), the state
+    at every ``ckpt_every``-th step, and the state at the first step after ``ckpt_seconds`` of wall time since
+    the last write (the loop asks :meth:`step_due` / :meth:`clock_due`); the final state is written by the
+    run's end. A due state is :meth:`hold`-ed with the RNG states of that moment and written by
+    :meth:`confirm` only once the next update, whose local losses are computed at it, came out finite; a
+    divergence :meth:`drop`-s it. So ``ckpt.pt`` always holds the last state whose losses were finite, and
+    resuming from it never diverges at once. ``out`` None (no run directory, or a rank other than 0): nothing
+    is written, the bookkeeping is the same. Cost: one ``torch.save`` of the (m, d) state per write.
+    """
+
+    def __init__(self, out: Path | None, execution: str, config: dict[str, Any]) -> None:
+        self.out, self.execution, self.config = out, execution, config
+        self.every = int(config.get("ckpt_every") or 0)
+        self.seconds = float(config.get("ckpt_seconds") or 0.0)
+        self.pending: tuple[State | None, dict[str, Any]] | None = None
+        self.written: int | None = None
+        self.t_last = time.monotonic()
+
+    def step_due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def clock_due(self) -> bool:
+        return bool(self.seconds) and time.monotonic() - self.t_last >= self.seconds
+
+    def write(self, state: State | None, rng: dict[str, Any] | None = None) -> None:
+        if self.out is not None and state is not None:
+            save_ckpt(self.out, state, self.execution, self.config, rng)
+            self.written = state.step
+        self.t_last = time.monotonic()
+
+    def hold(self, state: State | None) -> None:
+        self.pending = (state, rng_states())
+
+    def confirm(self) -> None:
+        if self.pending is not None:
+            self.write(*self.pending)
+            self.pending = None
+
+    def drop(self) -> None:
+        self.pending = None
+
+    def note(self) -> str:
+        """Where a diverged run can be resumed from, for its message."""
+        if self.out is None:
+            return "no run directory"
+        if self.written is None:
+            return "no checkpoint was written"
+        return f"{self.out / 'ckpt.pt'} holds step {self.written}, the last state whose losses were finite"
 
 
 def read_ckpt(path: Path) -> dict[str, Any]:

@@ -263,3 +263,87 @@ def test_non_finite_training_data_is_refused_naming_the_file(tmp_path, capsys, w
             "--model-kwargs", '{"num_classes": 3}']  # fmt: skip
     err = one_line_exit_2(main(argv), capsys)
     assert "data.pt" in err and "NaN" in err and "diverged" not in err and not out.exists()
+
+
+# ---------------------------------------------------------------- items 8, 9, 11: every run resumable
+def quad_config(**kw):
+    from verify.config import RunConfig
+
+    base = dict(workers=2, local_batch=1, steps=12, dtype="float64", device="cpu", log_every=2,
+                ensemble=False, closed_form=QUAD, lr=0.1)  # fmt: skip
+    return RunConfig(**{**base, **kw})
+
+
+def kill_at(step: int):
+    def on_step(s, state):
+        if s == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+@pytest.mark.parametrize("seconds", [None, 1e-9])
+def test_a_run_killed_with_default_settings_resumes_bit_identical(tmp_path, capsys, seconds):
+    """Defaults (no --ckpt-every): the start is checkpointed, and then every --ckpt-seconds of wall time."""
+    from verify.engine import run
+
+    c = quad_config() if seconds is None else quad_config(ckpt_seconds=seconds)
+    full = run(c, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "killed", progress=False, on_step=kill_at(7))
+    step = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["step"]
+    assert step == (0 if seconds is None else 6)  # 1e-9 s: held at every step, confirmed by the next one
+    argv = ["run", "--resume", str(tmp_path / "killed"), "--no-progress"]
+    assert main(argv) == 0
+    ck = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 12 and torch.equal(ck["W"], full.state.W)
+
+
+def test_rerun_into_a_used_folder_names_both_ways_out(tmp_path, capsys):
+    out = quad_run(tmp_path)
+    capsys.readouterr()
+    err = one_line_exit_2(main(["run", "--closed-form", json.dumps(QUAD), *TINY, "--out", str(out)]), capsys)
+    assert f"--resume {out}" in err and "--overwrite" in err
+
+
+def test_kept_checkpoint_after_divergence_resumes_without_diverging(tmp_path, capsys):
+    from verify.engine import run
+
+    c = quad_config(lr=1e30, steps=50, log_every=1, ckpt_every=1)
+    res = run(c, tmp_path / "d", progress=False)
+    assert res.diverged
+    ck = torch.load(tmp_path / "d" / "ckpt.pt", weights_only=True)
+    assert ck["step"] < res.diverged_at
+    c = quad_config(lr=1e30, steps=ck["step"] + 1, log_every=1, ckpt_every=1)
+    again = run(c, tmp_path / "d", resume=True, progress=False)
+    assert not again.diverged and again.state.step == ck["step"] + 1
+    assert "the last state whose losses were finite" in capsys.readouterr().err
+
+
+def test_negative_control_a_diverged_state_does_diverge_at_once(tmp_path):
+    """The criterion above can fail: resuming from the state of the diverging step itself diverges at once."""
+    from verify.engine import run
+    from verify.rundir import save_ckpt
+
+    c = quad_config(lr=1e30, steps=50, log_every=1)
+    res = run(c, tmp_path / "d", progress=False)
+    save_ckpt(tmp_path / "d", res.state, res.execution, c.to_dict())  # the state at diverged_at
+    again = run(quad_config(lr=1e30, steps=res.diverged_at + 1, log_every=1), tmp_path / "d", resume=True,
+                progress=False)  # fmt: skip
+    assert again.diverged
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
+    from verify.engine import run
+    from verify.rundir import read_metrics
+
+    c = quad_config(log_every=1, ckpt_every=4)
+    full = run(c, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "torn", progress=False, on_step=kill_at(6))
+    with (tmp_path / "torn" / "metrics.csv").open("a") as fh:
+        fh.write("2,0.1")  # the power went out mid-row: the fragment of a later row reads as step 2
+    run(c, tmp_path / "torn", resume=True, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+    assert strip(read_metrics(tmp_path / "torn")) == strip(read_metrics(tmp_path / "full"))
+    assert [r["step"] for r in full.metrics] == list(range(13))
