@@ -36,21 +36,34 @@ class RunDirError(ValueError):
     """A run directory that cannot be written or resumed; the message is one line."""
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any], may_change: tuple) -> None:
-    """Check a run directory before a run: a resumed run must keep every setting but ``may_change``; a new run
-    refuses a folder that already holds run files unless ``overwrite`` (then they are removed)."""
+def check_out(
+    out: Path, resume: bool, overwrite: bool, config: dict[str, Any], may_change: tuple
+) -> list[str]:
+    """Check a run directory before a run, changing nothing: a resumed run must keep every setting but
+    ``may_change``; a new run refuses a folder that already holds run files unless ``overwrite``. Returns the
+    run files a new run would remove."""
     if resume:
         saved = read_config(out)["config"]
         for k, v in config.items():
             if k not in may_change and saved.get(k) != v:
                 raise RunDirError(f"cannot resume {out}: setting {k!r} was {saved.get(k)!r}, now {v!r}")
-        return
+        return []
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file, not a folder for the run")
     used = [f for f in FILES if (out / f).exists()]
     if used and not overwrite:
         raise RunDirError(
             f"{out} already holds a run ({used[0]}): continue it with --resume {out}, replace it with "
             "--overwrite, or choose another output folder"
         )
+    return used
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any], may_change: tuple) -> None:
+    """:func:`check_out`, then (new run) remove the old run files and create the folder."""
+    used = check_out(out, resume, overwrite, config, may_change)
+    if resume:
+        return
     for f in used:
         (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)

@@ -347,3 +347,88 @@ def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
     assert strip(read_metrics(tmp_path / "torn")) == strip(read_metrics(tmp_path / "full"))
     assert [r["step"] for r in full.metrics] == list(range(13))
+
+
+# ---------------------------------------------------------------- item 17: the launcher checks once
+@pytest.mark.parametrize(
+    "case, text",
+    [("unsupported", "simulated"), ("workers", "workers=3"), ("fit", "labels range"), ("used", "--overwrite"),
+     ("payload", "ckpt.pt")],
+)  # fmt: skip
+def test_launcher_validates_once_before_starting_ranks(tmp_path, capsys, monkeypatch, case, text):
+    """Bad settings, a model that does not fit, a used folder, a pickle payload to resume: one line, exit 2,
+    and no rank is ever started (the launch functions are replaced by ones that fail the test)."""
+    import verify.distributed.launch as launch
+
+    def started(*a, **k):
+        raise AssertionError("ranks were started")
+
+    monkeypatch.setattr(launch, "launch_local", started)
+    monkeypatch.setattr(launch, "launch_torchrun", started)
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    argv = ["run", "--launcher", "local", "--procs", "2", "--closed-form", json.dumps(QUAD), *TINY]
+    if case == "unsupported":
+        argv += ["--algo", "local-sgd"]
+    elif case == "workers":
+        argv[argv.index("--workers") + 1] = "3"
+    elif case == "fit":
+        argv = [a for a in argv if a not in ("--closed-form", json.dumps(QUAD))]
+        argv += [*DIGITS, "--model-kwargs", '{"num_classes": 3}']
+    elif case in ("used", "payload"):
+        quad_run(tmp_path)
+        if case == "payload":
+            ck = torch.load(out / "ckpt.pt", weights_only=True)
+            ck["rng"] = Payload(marker)
+            torch.save(ck, out / "ckpt.pt")
+            argv = ["run", "--launcher", "local", "--procs", "2", "--resume", str(out), "--no-progress"]
+        capsys.readouterr()
+    argv += [] if case == "payload" else ["--out", str(out)]
+    err = one_line_exit_2(main(argv), capsys)
+    assert text in err and not marker.exists()
+    if case not in ("used", "payload"):
+        assert not out.exists()
+
+
+def test_killed_launcher_leaves_one_line_per_rank(tmp_path):
+    """SIGKILL the local launcher mid-run: each rank says the launcher went away (one line, no rank blamed,
+    no C++ store warnings) and ends; nothing is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "verify", "run", "--launcher", "local", "--procs", "2", "--closed-form",
+           json.dumps(QUAD), *TINY, "--steps", "100000000", "--log-every", "1000", "--out", str(out),
+           "--timeout", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_CPP_LOG_LEVEL", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks: list[int] = []
+    outlived: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "metrics.csv").is_file() or len((out / "metrics.csv").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{r}").exists() for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        outlived = [r for r in ranks if Path(f"/proc/{r}").exists()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for r in ranks:  # a regression must not leave the ranks running
+            if Path(f"/proc/{r}").exists():
+                os.kill(r, signal.SIGKILL)
+    err = proc.stderr.read()  # the ranks inherited the launcher's stderr: EOF once both ended
+    assert not outlived, "a rank outlived its launcher"
+    assert sorted(err.strip().splitlines()) == [
+        f"dsgd-verify distributed: rank {r}: the launcher (pid {proc.pid}) went away; stopping"
+        for r in (0, 1)
+    ], err[:3000]

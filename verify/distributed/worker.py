@@ -43,7 +43,7 @@ from ..algorithms import CENTRALISED, GOSSIP, AlgoConfig, State, avgsam_perturba
 from ..config import DTYPES, ConfigError, RunConfig, build_problem
 from ..engine import RESUMABLE_CHANGES, RunResult, _finish, _Runner
 from ..problems import Problem
-from ..rundir import Checkpoints, load_ckpt, prepare_out, versions, write_config
+from ..rundir import Checkpoints, check_out, load_ckpt, prepare_out, read_ckpt, versions, write_config
 from ..stacked import local_grads
 from ..topology import schedule
 from . import measure
@@ -76,6 +76,32 @@ def check_config(config: RunConfig, world: int) -> RunConfig:
             f"(one worker per process): start {config.workers} processes or set --workers {world}"
         )
     return config
+
+
+def preflight(config: RunConfig, world: int, out: str | Path | None, resume: bool, overwrite: bool) -> None:
+    """Everything a launcher checks once before it starts ``world`` ranks, changing nothing: the settings
+    (:func:`check_config`), the data and the model's fit (:func:`~verify.config.build_problem` on the CPU),
+    the run folder (:func:`~verify.rundir.check_out`) and, to resume, its checkpoint. Raises a one-line
+    ``ValueError``. Cost: loading the data and one gradient, as in one rank's start-up."""
+    config = check_config(config, world)
+    problem = build_problem(
+        dataclasses.replace(config, device="cpu"), torch.device("cpu"), DTYPES[config.dtype]
+    )
+    if out is None:
+        return
+    outp = Path(out)
+    check_out(outp, resume, overwrite, config.to_dict(), RESUMABLE_CHANGES)
+    if resume:
+        W = read_ckpt(outp / "ckpt.pt")["W"] if (outp / "ckpt.pt").is_file() else None
+        if W is None:
+            raise ConfigError(
+                f"{outp} holds no checkpoint (ckpt.pt) to resume from: start again with --overwrite"
+            )
+        if tuple(W.shape) != (world, problem.num_params):
+            raise ConfigError(
+                f"{outp / 'ckpt.pt'} holds {W.shape[0]} workers of {W.shape[1]} parameters; this run has "
+                f"{world} of {problem.num_params}"
+            )
 
 
 def resolve_execution(problem: Problem, config: RunConfig, w: torch.Tensor, batch: tuple) -> str:
