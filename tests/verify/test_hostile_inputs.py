@@ -432,3 +432,23 @@ def test_killed_launcher_leaves_one_line_per_rank(tmp_path):
         f"dsgd-verify distributed: rank {r}: the launcher (pid {proc.pid}) went away; stopping"
         for r in (0, 1)
     ], err[:3000]
+
+
+def test_distributed_resume_refuses_a_pickle_payload(tmp_path):
+    """The ranks' own resume path (started without the checking launcher): rank 0 refuses the file, naming
+    it; no code from it runs."""
+    import sys
+
+    from verify.distributed.launch import launch_local
+
+    out = quad_run(tmp_path)
+    marker = tmp_path / "pwned"
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck["rng"] = Payload(marker)
+    torch.save(ck, out / "ckpt.pt")
+    args = ["--resume", str(out), "--steps", "6", "--no-progress", "--timeout", "10"]
+    res = launch_local(args, 2, timeout=10.0, log_dir=tmp_path,
+                       command=[sys.executable, "-m", "verify.distributed"])  # fmt: skip
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert res.codes[0] == 2 and not marker.exists()
+    assert "ckpt.pt" in log0 and "Traceback" not in log0, log0
