@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .algorithms import ALGORITHMS
@@ -37,11 +39,17 @@ DATA_SPECS = ("digits", "synthetic", "cifar10", "fashion-mnist", "mnist")
 CODE_OPTIONS = {"model": "--model", "closed_form": "--closed-form", "data": "--data"}
 
 
-#: The JSON types each kind of RunConfig field accepts (by its annotation).
-FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
-    "int | None": (int, type(None)), "float | None": (int, float, type(None)), "list[int]": (list,),
-    "str | list": (str, list), "dict[str, Any]": (dict,), "dict[str, Any] | None": (dict, type(None)),
+#: The types each kind of RunConfig field accepts (by its annotation), and how to say it: what a JSON file
+#: gives, numpy scalars, tuples for lists; ``topology`` (a name, a file or a matrix) is checked by
+#: verify.topology.
+_INT, _REAL, _NONE = numbers.Integral, numbers.Real, type(None)
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"), "int": ((_INT,), "an integer"), "float": ((_REAL,), "a number"),
+    "bool": ((bool, np.bool_), "true or false"), "str | None": ((str, _NONE), "a string or null"),
+    "int | None": ((_INT, _NONE), "an integer or null"), "float | None": ((_REAL, _NONE), "a number or null"),
+    "list[int]": ((list, tuple), "a list of integers"), "str | list": ((object,), "a name or a matrix"),
+    "dict[str, Any]": ((dict,), "a JSON object"),
+    "dict[str, Any] | None": ((dict, _NONE), "a JSON object or null"),
 }  # fmt: skip
 
 
@@ -105,10 +113,10 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every setting; raise :class:`ConfigError` with one line naming the first bad one."""
         for f in dataclasses.fields(self):
-            value, kinds = getattr(self, f.name), FIELD_TYPES[str(f.type)]
-            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-                names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-                raise ConfigError(f"setting {f.name} must be {names}; got {value!r}")
+            value, (kinds, text) = getattr(self, f.name), FIELD_TYPES[str(f.type)]
+            is_bool = isinstance(value, bool) and bool not in kinds  # a bool is an int to Python, not to us
+            if is_bool or not isinstance(value, kinds):
+                raise ConfigError(f"setting {f.name} must be {text}; got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an integer in [0, 2^63); got {self.seed}")
         if self.algo not in ALGORITHMS:
