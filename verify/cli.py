@@ -255,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("dsgd-verify: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        where = args.resume if isinstance(getattr(args, "resume", None), str) else getattr(args, "out", None)
+        how = f"dsgd-verify run --resume {where}" if where else "--resume RUN"
+        print(f"dsgd-verify: interrupted; continue from the last checkpoint with {how}", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError) as exc:
         if getattr(args, "debug", False):

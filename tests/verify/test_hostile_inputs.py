@@ -57,6 +57,11 @@ def test_every_checkpoint_written_loads_weights_only(tmp_path):
     out = quad_run(tmp_path, "--momentum", "0.5")
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and ck["rng"]["torch"].dtype == torch.uint8
+    mlp = tmp_path / "mlp"
+    argv = ["run", *TINY, "--data", "synthetic:64", "--model-kwargs", '{"hidden": [4]}', "--out", str(mlp)]
+    assert main(argv) == 0
+    for name in ("ckpt.pt", "avg.pt"):
+        assert isinstance(torch.load(mlp / name, weights_only=True), dict)
 
 
 # ---------------------------------------------------------------- item 3: config files name no code
