@@ -44,9 +44,15 @@ example: sharpness --demo            (trains a small MLP on the digits for a few
 """
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose option errors are one line and status 2: ``PROG: error: ... (see PROG
+    --help)`` (subcommands name themselves, e.g. ``dsgd-verify run``). Shared by every command."""
+
     def error(self, message: str) -> NoReturn:  # one line, status 2
-        self.exit(2, f"sharpness: error: {message} (see sharpness --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_Parser = OneLineParser
 
 
 def _floats(text: str) -> float:
