@@ -135,6 +135,10 @@ class RunConfig:
         ):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("samples", "test_samples", "eval_samples", "hess_samples"):
+            n = getattr(self, name)
+            if n is not None and int(n) < 1:
+                raise ConfigError(f"{name} must be a positive number of points (or none for all); got {n}")
         for name in ("lr", "momentum", "weight_decay", "rho", "sigma", "ckpt_seconds"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:

@@ -457,3 +457,12 @@ def test_distributed_resume_refuses_a_pickle_payload(tmp_path):
     log0 = (tmp_path / "rank0.log").read_text()
     assert res.codes[0] == 2 and not marker.exists()
     assert "ckpt.pt" in log0 and "Traceback" not in log0, log0
+
+
+@pytest.mark.parametrize("flag", ["--hess-samples", "--eval-samples", "--samples", "--test-samples"])
+def test_negative_sample_counts_are_refused_not_sliced(flag, tmp_path, capsys):
+    """Issue 10 item 15: ``--hess-samples -5`` used N - 5 points (a Python slice ``[:-5]``)."""
+    rc = main(["run", "--steps", "1", "--out", str(tmp_path / "r"), flag, "-5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "positive" in err, err
+    assert not (tmp_path / "r").exists()
