@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from sharpness.arguments import OneLineParser
+
 from .catalog import MODULES, all_modules, checks_needed, module, render, runs_needed
 from .context import FigureContext
 from .gallery import write_gallery
@@ -24,7 +26,7 @@ from .sources import FiguresError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsgd-figures", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="dsgd-figures", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "figures",
         nargs="*",

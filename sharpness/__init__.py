@@ -3,10 +3,13 @@
 A model becomes ``(params, loss(params))`` once (:func:`make_loss`); exact Hessian-vector
 products (:class:`HessianOperator`) are built on that, and the trace, eigenvalues, spectral density
 and SAM losses on those. Every measurement takes ``(model, loss_fn, data)`` (or a ready
-:class:`FunctionalLoss` / :class:`HessianOperator`) and returns a dataclass with ``to_dict()``.
+:class:`FunctionalLoss` / :class:`HessianOperator`) and returns a dataclass with ``to_dict()``. In train mode
+dropout masks are drawn from the measurement's ``seed``; the caller's global RNG state is left as it was.
+A NaN/inf loss, gradient or Hessian-vector product raises :class:`NonFiniteError` (a
+:class:`SharpnessInputError`) naming it.
 """
 
-from .functional import FunctionalLoss, SharpnessInputError, make_loss
+from .functional import FunctionalLoss, NonFiniteError, SharpnessInputError, make_loss
 from .hvp import HessianOperator
 from .lanczos import DensityResult, EigenResult, spectral_density, top_eigenvalues
 from .landscape import LandscapeResult, loss_line, loss_surface, normalize_direction, random_direction
@@ -36,6 +39,7 @@ __all__ = [
     "HessianOperator",
     "LandscapeResult",
     "MatrixOperator",
+    "NonFiniteError",
     "SamResult",
     "SharpnessInputError",
     "TraceResult",

@@ -18,8 +18,9 @@ Hessian-vector product) costs about 2-3 gradients):
 {metrics}
 
 checkpoint formats (detected from the file):
-  toolkit       saved by this toolkit (sharpness.checkpoint.save_checkpoint, e.g. by --demo); records its
-                architecture, so no --arch is needed
+  toolkit       saved by this toolkit (sharpness.checkpoint.save_checkpoint, e.g. by --demo or dsgd-verify);
+                records its architecture, so no --arch is needed when that is one of the toolkit's own
+                models; any other recorded MODULE:CALLABLE runs only with --arch or --trust-checkpoint-arch
   state_dict    torch.save(model.state_dict()), also nested under 'state_dict'/'model', with the 'module.'
                 prefix of DataParallel/DDP removed; needs --arch
   .safetensors  safetensors weights (pip install safetensors); needs --arch
@@ -51,9 +52,15 @@ example: sharpness --demo            (trains a small MLP on the digits for a few
 """
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose option errors are one line and status 2: ``PROG: error: ... (see PROG
+    --help)`` (subcommands name themselves, e.g. ``dsgd-verify run``). Shared by every command."""
+
     def error(self, message: str) -> NoReturn:  # one line, status 2
-        self.exit(2, f"sharpness: error: {message} (see sharpness --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_Parser = OneLineParser
 
 
 def _floats(text: str) -> float:
@@ -73,6 +80,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, 2**64)")
     return value
 
 
@@ -157,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the rank that died or hung (default 300)",
     )
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
-    a("--seed", type=int, default=0, help="seed of every random probe, direction and subset (default 0)")
+    a(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of every random probe, direction, subset and (--train-mode) dropout mask (default 0)",
+    )
     a(
         "--out",
         metavar="FILE.json",
@@ -196,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RHO",
         help="radii of the worst-case SAM sharpness (default 0.05)",
     )
-    a("--top-k", type=_positive, default=5, metavar="K", help="number of top eigenvalues (default 5)")
+    a(
+        "--top-k",
+        type=_positive,
+        metavar="K",
+        help="number of top eigenvalues, at most the number of parameters (default 5, or all if fewer)",
+    )
     a(
         "--probes",
         type=_positive,
@@ -208,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-pickle",
         action="store_true",
         help="allow a whole pickled nn.Module: this RUNS CODE from the file; use it only for files you trust",
+    )
+    a(
+        "--trust-checkpoint-arch",
+        action="store_true",
+        help="build the model with the MODULE:CALLABLE a toolkit checkpoint records even when it is not one "
+        "of the toolkit's own models: this RUNS CODE named by the file; use it only for files you trust",
     )
     a("--no-progress", action="store_true", help="no progress bars on stderr")
     a("--debug", action="store_true", help="show the full traceback of an error")

@@ -6,9 +6,16 @@
 2. a TorchScript archive (``torch.jit.load``), wrapped in :class:`ScriptedModel` so that the functional core
    (``torch.func.functional_call``) can substitute its parameters;
 3. ``torch.load(weights_only=True)``: this toolkit's own format (``{"format": "dsgd-sam/1", "arch", ...}``,
-   no ``arch`` needed), or a plain ``state_dict`` (also nested under ``state_dict``/``model``/
-   ``model_state_dict``, with the ``module.`` prefix of DataParallel/DDP stripped) + ``arch``;
+   no ``arch`` needed when it names one of :data:`TOOLKIT_ARCHS`), or a plain ``state_dict`` (also nested
+   under ``state_dict``/``model``/``model_state_dict``, with the ``module.`` prefix of DataParallel/DDP
+   stripped) + ``arch``;
 4. a whole pickled ``nn.Module`` only with ``trust_pickle=True`` (unpickling runs code from the file).
+
+What may run code: a file never causes an import or a call by itself. The ``arch`` a toolkit checkpoint
+records is imported and called only when it is one of the toolkit's own constructors (:data:`TOOLKIT_ARCHS`,
+exact strings), when the caller passes ``arch=`` (``--arch``: the user named the code), or with
+``trust_checkpoint_arch=True`` (``--trust-checkpoint-arch``); a pickle is unpickled only with
+``trust_pickle=True``.
 
 Every failure raises :class:`CheckpointError` with one line naming the problem.
 """
@@ -33,6 +40,18 @@ from .results import atomic_torch_save
 from .scripted import ScriptedModel
 
 FORMAT = "dsgd-sam/1"
+#: The toolkit's own model constructors, by exact ``MODULE:NAME``: a toolkit checkpoint naming one of these is
+#: rebuilt with no flag (``dsgd-verify``'s ``avg.pt``, ``sharpness --demo``). Any other callable named by a
+#: file runs only with ``arch=``/``--arch`` or ``trust_checkpoint_arch``. Strings, not imports: ``sharpness``
+#: does not import ``verify``.
+TOOLKIT_ARCHS = frozenset(
+    {
+        "sharpness.demo:mlp",
+        "verify.models:mlp",
+        "verify.models:small_cnn",
+        "verify.models:resnet18_micro",
+    }
+)
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 PREFIXES = ("module.", "_orig_mod.")
 
@@ -166,7 +185,8 @@ def build_from_state_dict(
 ) -> nn.Module:
     """``arch(**arch_kwargs)`` with ``state`` loaded strictly; the model takes the checkpoint's float dtype.
 
-    Key or shape mismatches raise one :class:`CheckpointError` (up to 10 missing and 10 unexpected keys).
+    Key or shape mismatches, and a non-floating tensor (integer, bool, complex) for a floating one of the
+    model, raise one :class:`CheckpointError` (up to 10 missing and 10 unexpected keys).
     """
     factory = import_callable(arch, what="--arch", error=CheckpointError)
     try:
@@ -183,6 +203,12 @@ def build_from_state_dict(
             f"checkpoint keys do not match --arch {arch}: {len(missing)} missing [{_list_keys(missing)}], "
             f"{len(unexpected)} unexpected [{_list_keys(unexpected)}]"
         )
+    for k, v in expected.items():
+        if v.is_floating_point() and not state[k].is_floating_point():
+            raise CheckpointError(
+                f"checkpoint tensor {k!r} is {state[k].dtype}, not floating point, but the model's is "
+                f"{v.dtype}: integer or boolean weights would be cast silently"
+            )
     bad = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
     if bad:
         k = bad[0]
@@ -198,12 +224,32 @@ def build_from_state_dict(
     return model
 
 
+def _recorded_arch(obj: Mapping[str, Any], path: Path, trusted: bool) -> str:
+    """The ``arch`` a toolkit checkpoint records, if the toolkit may import and call it (see the module
+    docstring); one line otherwise."""
+    arch = obj.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(
+            f"checkpoint {path} (format {FORMAT}) records no architecture ('arch'): pass --arch "
+            "MODULE:CALLABLE naming a function that builds the model"
+        )
+    if arch not in TOOLKIT_ARCHS and not trusted:
+        raise CheckpointError(
+            f"checkpoint {path} names its architecture {arch[:200]!r}, which is not one of the toolkit's own "
+            "model constructors; building it would import and call code named by the file: pass --arch "
+            "MODULE:CALLABLE yourself, or trust_checkpoint_arch=True (--trust-checkpoint-arch) only for a "
+            "file you trust"
+        )
+    return arch
+
+
 def load_model(
     path: str | Path,
     *,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_checkpoint_arch: bool = False,
     device: str | torch.device = "cpu",
     weights_key: str | None = None,
     prefix: str | None = None,
@@ -213,7 +259,9 @@ def load_model(
     Returns ``(model, info)``; ``info`` has ``format`` (toolkit, state_dict, safetensors, torchscript,
     pickled_module), ``arch``, ``arch_kwargs``, ``extra``, ``stripped_prefix``, ``nested_key``,
     ``unpickled``, ``num_params``, ``dtype``, ``device`` and ``path``. An explicit ``arch``/``arch_kwargs``
-    overrides the one a toolkit checkpoint records. Cost: reading the file, building the model once.
+    overrides the one a toolkit checkpoint records. The recorded ``arch`` is used only if it is in
+    :data:`TOOLKIT_ARCHS` or ``trust_checkpoint_arch`` is True (importing and calling it runs code named by
+    the file). Cost: reading the file, building the model once.
     A HuggingFace folder, ``weights_key`` and ``prefix``: see :mod:`sharpness.formats`.
     """
     path = Path(path).expanduser()
@@ -263,9 +311,14 @@ def load_model(
                     f"checkpoint {path} has format {obj['format']}; this version reads {FORMAT}"
                 )
             info.update(format="toolkit", extra=obj.get("extra", {}))
-            info["arch"] = arch or obj["arch"]
+            info["arch"] = arch or _recorded_arch(obj, path, trust_checkpoint_arch)
             info["arch_kwargs"] = arch_kwargs if arch_kwargs is not None else obj.get("arch_kwargs", {})
-            state = obj["state_dict"]
+            if not isinstance(info["arch_kwargs"], Mapping):
+                kind = type(info["arch_kwargs"]).__name__
+                raise CheckpointError(f"checkpoint {path}: arch_kwargs is a {kind}, not a dict")
+            state = obj.get("state_dict")
+            if not _is_state_dict(state):
+                raise CheckpointError(f"checkpoint {path} (format {FORMAT}) holds no state_dict of tensors")
         elif isinstance(obj, nn.Module):
             model, info["format"] = obj, "pickled_module"
         elif _is_state_dict(obj):

@@ -12,13 +12,14 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
 from .arguments import build_parser
-from .functional import SharpnessInputError, make_loss, resolve_device
+from .functional import SharpnessInputError, check_loss, make_loss, private_rng, resolve_device
 from .inputs import loss_description
 from .parallel import DistributedSharpnessError, cli_done, cli_ranks, describe
 from .report import ReportSettings
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     status = 1
     try:
-        status = run(args)
+        with private_rng(args.seed):  # train-mode dropout follows --seed; a calling process keeps its RNG
+            status = run(args)
         return status
     except DistributedSharpnessError as exc:
         print(f"sharpness: error: {_first_line(exc)}", file=sys.stderr)
@@ -82,18 +84,41 @@ def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Before any work: ``--out`` is neither the checkpoint (``--demo``: the one it will save) nor the data
+    file, and ``--out``/``--plot`` can be written (a long measurement must not end in an unwritable path)."""
+    from .demo import DEFAULT_DEMO_PATH
+    from .results import check_destination
+
+    if args.out:
+        out = Path(args.out).expanduser().resolve()
+        checkpoint = args.checkpoint or (DEFAULT_DEMO_PATH if args.demo else None)
+        data = Path(args.data).expanduser()
+        for what, other in (
+            ("the checkpoint", checkpoint),
+            ("the data file", data if data.exists() else None),
+        ):
+            if other is not None and Path(other).expanduser().resolve() == out:
+                raise SharpnessInputError(
+                    f"--out {args.out} is {what} itself: writing the JSON there would overwrite it"
+                )
+        check_destination(args.out, "--out")
+    if args.plot:
+        check_destination(args.plot, "--plot", directory=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, check, measure, print; then plots and JSON if asked. Raises on bad input."""
     from .checkpoint import load_model
     from .data import load_dataset
-    from .evaluate import loss_at
-    from .inputs import accuracy, batch_statistics_note, check_finite_loss, check_fit, loss_function
+    from .inputs import accuracy, batch_statistics_note, check_fit, loss_function
     from .memory import describe_products, parse_budget
     from .report import parse_metrics, run_report, select_metrics
     from .table import format_table, report_json
 
     started = time.perf_counter()
     device = resolve_device(args.device)
+    _check_destinations(args)
     args.ranks, device = cli_ranks(args, device)  # under torchrun: this rank's share of the batches
     if args.demo:
         from .demo import DEFAULT_DEMO_PATH, train_demo
@@ -117,12 +142,14 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         arch_kwargs=_arch_kwargs(args.arch_kwargs),
         trust_pickle=args.trust_pickle,
+        trust_checkpoint_arch=args.trust_checkpoint_arch,
         device=device,
         weights_key=args.weights_key,
         prefix=args.prefix,
     )
     first = next(iter(model.parameters()), None)
-    if first is None or not any(p.requires_grad for p in model.parameters()):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if first is None or not trainable:
         raise SharpnessInputError(f"the model in {args.checkpoint} has no trainable parameters")
     dtype = first.dtype if first.is_floating_point() else torch.float32
     data = load_dataset(args.data, split=args.split, samples=args.samples, seed=args.seed).to(device, dtype)
@@ -135,14 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks is not None:
         batches = args.ranks.shard(batches)
     fl = make_loss(model, loss_fn, batches, train_mode=args.train_mode, check=False)
-    check_finite_loss(loss_at(fl, fl.flat_params()), f"checkpoint {args.checkpoint}")
+    check_loss(fl, f"checkpoint {args.checkpoint}" + (" (--train-mode)" if args.train_mode else ""))
     del fl
     chosen, skipped = select_metrics(
         requested, info["num_params"], first.element_size(), device, args.per_layer
     )
     settings = ReportSettings(
         probes=args.probes,
-        top_k=args.top_k,
+        top_k=args.top_k if args.top_k is not None else min(5, trainable),
         sigmas=list(args.sigmas),
         rhos=list(args.rhos),
         seed=args.seed,

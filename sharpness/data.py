@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .datafiles import as_xy, parse_options, read_array_file, read_cifar10, read_idx_images
-from .functional import SharpnessInputError
+from .functional import SharpnessInputError, check_seed
 from .importing import import_callable
 from .tokens import is_token_spec, load_tokens
 
@@ -85,7 +85,7 @@ class Dataset:
         if int(n) < 1:
             raise SharpnessInputError(f"samples must be >= 1, got {n}")
         k = min(int(n), len(self))
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(check_seed(seed))
         idx = torch.randperm(len(self), generator=g)[:k].sort().values
         out = self.take(idx)
         out.meta["subset"] = {"requested": int(n), "taken": k, "seed": int(seed)}
@@ -208,6 +208,13 @@ def _from_callable(spec: str, split: str) -> Dataset:
         if not batches or any(len(b) != 2 for b in batches):
             raise SharpnessInputError(f"{where} must return a Dataset, an (x, y) pair or (x, y) batches")
         pairs = [as_xy(bx, by, f"{where} batch {i}") for i, (bx, by) in enumerate(batches)]
+        for i, (bx, by) in enumerate(pairs):
+            for kind, t, first in (("inputs", bx, pairs[0][0]), ("targets", by, pairs[0][1])):
+                if t.shape[1:] != first.shape[1:] or t.dtype != first.dtype:
+                    raise SharpnessInputError(
+                        f"{where}: batch {i} has {kind} of shape {tuple(t.shape[1:])} ({t.dtype}) per "
+                        f"sample, batch 0 has {tuple(first.shape[1:])} ({first.dtype})"
+                    )
         x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     return _wrap(x, y, spec, {"callable": spec, "split": split})
 

@@ -28,7 +28,8 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def as_xy(x: Any, y: Any, where: str) -> tuple[Tensor, Tensor]:
-    """Inputs as float32 (a 1-D input becomes one feature), targets as int64 labels or float32 values."""
+    """Inputs as float32 (a 1-D input becomes one feature), targets as int64 labels or float32 values; integer
+    labels of shape (N, 1) become (N,)."""
     try:
         xt = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
         yt = y if isinstance(y, Tensor) else torch.as_tensor(np.asarray(y))
@@ -47,6 +48,8 @@ def as_xy(x: Any, y: Any, where: str) -> tuple[Tensor, Tensor]:
         yt = yt.detach().to(torch.float32)
     else:
         yt = yt.detach().to(torch.int64)
+        if yt.ndim == 2 and yt.shape[1] == 1:  # a column of class labels: one label per sample either way
+            yt = yt[:, 0]
         if int(yt.min()) < 0:
             raise SharpnessInputError(f"{where}: labels must be >= 0, found {int(yt.min())}")
     return xt.contiguous(), yt.contiguous()

@@ -13,7 +13,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError, check_loss, make_loss
+from .functional import (
+    Batch,
+    FunctionalLoss,
+    SharpnessInputError,
+    check_loss,
+    make_loss,
+    private_rng,
+    require_finite,
+    require_finite_gradient,
+)
 
 
 def prepare(
@@ -38,7 +47,8 @@ def prepare(
                 "params/train_mode/device/loss_fn/data apply only when a model is given, not a FunctionalLoss"
             )
         fl = model
-        check_loss(fl)
+        with private_rng(0):  # dropout in a train-mode FunctionalLoss: the caller's RNG is not advanced
+            check_loss(fl)
         settings: dict[str, Any] = {"input": "FunctionalLoss", "params": None, "train_mode": None}
     else:
         if loss_fn is None or data is None:
@@ -66,18 +76,23 @@ def default_chunk(fl: FunctionalLoss) -> int:
     return 16 if fl.device.type == "cuda" else 1
 
 
-def loss_at(fl: FunctionalLoss, theta: Tensor) -> float:
-    """``L(theta)`` for one flat vector. Cost: one forward pass per batch."""
+def loss_at(fl: FunctionalLoss, theta: Tensor, where: str = "the measured weights") -> float:
+    """``L(theta)`` for one flat vector; NaN/inf raises :class:`~sharpness.functional.NonFiniteError` naming
+    ``where``. Cost: one forward pass per batch."""
     with torch.no_grad():
         value = fl.loss(fl.unflatten(theta.to(device=fl.device, dtype=fl.dtype))).reshape(1)
-        return float(fl.allsum(value, "a loss value")[0])
+        value = fl.allsum(value, "a loss value")[0]
+    return float(require_finite(value, f"the loss at {where}"))
 
 
-def loss_values(fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None) -> Tensor:
+def loss_values(
+    fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None, where: str = "perturbed weights"
+) -> Tensor:
     """``[L(theta_1), ..., L(theta_k)]`` for a (k, d) block of flat vectors, under ``torch.no_grad``.
 
     ``chunk`` points go through one ``vmap``-ed forward call; a model that cannot be vmapped (e.g. BatchNorm
-    in train mode, which writes running statistics) falls back to a loop. Cost: k forward passes per batch.
+    in train mode, which writes running statistics) falls back to a loop. A NaN/inf value raises
+    :class:`~sharpness.functional.NonFiniteError` naming ``where``. Cost: k forward passes per batch.
     """
     if points.dim() != 2 or points.shape[1] != fl.num_params:
         raise SharpnessInputError(
@@ -99,11 +114,14 @@ def loss_values(fl: FunctionalLoss, points: Tensor, *, chunk: int | None = None)
                     vmappable = False
             out.append(torch.stack([flat(t).reshape(()) for t in block]))
     values = torch.cat(out) if out else points.new_zeros(0)
-    return fl.allsum(values.detach(), "a block of loss values")
+    return require_finite(fl.allsum(values.detach(), "a block of loss values"), f"the loss at {where}")
 
 
-def value_and_grad(fl: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
-    """``(L(theta), nabla L(theta))`` at a flat vector, batch by batch. Cost: one gradient."""
+def value_and_grad(
+    fl: FunctionalLoss, theta: Tensor, where: str = "the measured weights"
+) -> tuple[float, Tensor]:
+    """``(L(theta), nabla L(theta))`` at a flat vector, batch by batch; a NaN/inf loss or gradient raises
+    :class:`~sharpness.functional.NonFiniteError` naming ``where``. Cost: one gradient."""
     theta = theta.detach().to(device=fl.device, dtype=fl.dtype)
     value = 0.0
     g = torch.zeros_like(theta)
@@ -112,9 +130,9 @@ def value_and_grad(fl: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
         with torch.enable_grad():
             loss = f(fl.unflatten(t))
             (gb,) = torch.autograd.grad(loss, t)
-        value += w * float(loss.detach())
+        value += w * float(require_finite(loss.detach(), f"the loss at {where}"))
         g += w * gb
     if fl.parallel is not None:  # one all_reduce for the value and the gradient
         both = fl.allsum(torch.cat([g.new_tensor([value]), g]), "a gradient")
         value, g = float(both[0]), both[1:]
-    return value, g
+    return value, require_finite_gradient(g, fl.params, where)

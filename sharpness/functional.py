@@ -11,7 +11,10 @@ the exact sample-weighted mean ``L = sum_b n_b L_b / sum_b n_b``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,82 @@ Params = dict[str, Tensor]
 
 class SharpnessInputError(ValueError):
     """Bad input to a measurement; the message is one line naming the problem."""
+
+
+class NonFiniteError(SharpnessInputError):
+    """A loss, gradient or Hessian-vector product came out NaN/inf; the message names which and where."""
+
+
+def require_finite(value: Tensor, what: str, like: Params | None = None, hint: str = "") -> Tensor:
+    """``value`` unchanged if every entry is finite, else :class:`NonFiniteError`: ``what`` is not finite,
+    with the count of NaN and inf entries and, when the first axis runs over the flat parameters of ``like``,
+    the parameter tensors that hold them; ``hint`` is appended. Cost: one pass over ``value``."""
+    bad = ~torch.isfinite(value.detach())
+    if not bool(bad.any()):
+        return value
+    if value.numel() == 1:
+        raise NonFiniteError(f"{what} is {float(value)}, not finite{hint}")
+    n_nan = int(torch.isnan(value.detach()).sum())
+    counts = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "inf")) if n)
+    where = f" of {value.numel()} values"  # without a parameter layout: "3 inf of 32 values"
+    sizes = [p.numel() for p in like.values()] if like is not None else []
+    if like is not None and value.dim() >= 1 and value.shape[0] == sum(sizes):
+        rows = bad.reshape(value.shape[0], -1).any(1).split(sizes)
+        names = [n for n, part in zip(like, rows, strict=True) if bool(part.any())]
+        more = f" and {len(names) - 3} more tensors" if len(names) > 3 else ""
+        where = f" entries in {', '.join(names[:3])}{more}"
+    raise NonFiniteError(f"{what} is not finite ({counts}{where}){hint}")
+
+
+#: Why a gradient can be non-finite where the loss is finite; appended to that error.
+GRADIENT_HINT = (
+    "; the loss there is finite but its derivative is not (e.g. an inf input under a saturating tanh)"
+)
+
+
+def require_finite_gradient(g: Tensor, like: Params, where: str = "the measured weights") -> Tensor:
+    """:func:`require_finite` for a flat gradient laid out like ``like``, naming the tensors."""
+    return require_finite(g, f"the gradient of the loss at {where}", like, GRADIENT_HINT)
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int in ``[-2**63, 2**64)`` (what torch's generators accept), else one line."""
+    try:
+        value = operator.index(seed)  # type: ignore[arg-type]
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not -(2**63) <= value < 2**64:
+        raise SharpnessInputError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return value
+
+
+@contextlib.contextmanager
+def private_rng(seed: int | None) -> Iterator[None]:
+    """Run the block on torch's global random generators seeded with ``seed`` (``None``: 0), then put the
+    caller's generator states back exactly.
+
+    Dropout in train mode draws its masks from the global generators: inside this block they are a function of
+    ``seed``, and the caller's random stream is left where it was. The CPU generator always; every CUDA
+    device's too once CUDA is initialised (a model on a GPU has initialised it)."""
+    value = 0 if seed is None else check_seed(seed)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        torch.random.default_generator.manual_seed(value)
+        if cuda:
+            torch.cuda.manual_seed_all(value)
+        yield
+
+
+def seeded(fn: Callable) -> Callable:
+    """Decorator: run a measurement under :func:`private_rng` with its own ``seed`` argument."""
+    default = inspect.signature(fn).parameters["seed"].default
+
+    @functools.wraps(fn)
+    def measured(*args, **kwargs):
+        with private_rng(kwargs.get("seed", default)):
+            return fn(*args, **kwargs)
+
+    return measured
 
 
 def as_batches(data: Batch | Iterable[Batch]) -> list[Batch]:
@@ -81,9 +160,16 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
         return model_device(model) if model is not None else torch.device("cpu")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise SharpnessInputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SharpnessInputError("CUDA was requested but this machine has no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SharpnessInputError(
+            f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+        )
     return dev
 
 
@@ -223,12 +309,15 @@ def make_loss(
 
     fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights, parallel=dp)
     if check:
-        check_loss(fl)
+        with private_rng(0):  # dropout in train mode: a fixed mask, and the caller's RNG is not advanced
+            check_loss(fl)
     return fl
 
 
-def check_loss(fl: FunctionalLoss) -> float:
-    """Evaluate the loss once and turn the usual failures into one-line :class:`SharpnessInputError`."""
+def check_loss(fl: FunctionalLoss, where: str = "these parameters") -> float:
+    """Evaluate the loss once and turn the usual failures into one-line :class:`SharpnessInputError` (a
+    non-finite value: :class:`NonFiniteError`); ``where`` names the point in the messages. One forward pass
+    per batch."""
     for i, f in enumerate(fl.terms()):
         try:
             with torch.no_grad():
@@ -237,7 +326,7 @@ def check_loss(fl: FunctionalLoss) -> float:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SharpnessInputError(f"the loss failed on batch {i}: {msg}") from exc
+            raise SharpnessInputError(f"the loss failed on batch {i} at {where}: {msg}") from exc
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise SharpnessInputError(
@@ -246,5 +335,8 @@ def check_loss(fl: FunctionalLoss) -> float:
     with torch.no_grad():
         total = float(fl.allsum(fl.loss(fl.params).reshape(1), "the loss")[0])
     if not math.isfinite(total):
-        raise SharpnessInputError(f"the loss is {total} at these parameters (NaN/inf)")
+        raise NonFiniteError(
+            f"the loss is {total} at {where} (NaN/inf): the weights, the data or the model's outputs are not "
+            "finite"
+        )
     return total

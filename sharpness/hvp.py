@@ -17,7 +17,15 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError, make_loss, unflatten
+from .functional import (
+    Batch,
+    FunctionalLoss,
+    SharpnessInputError,
+    make_loss,
+    require_finite,
+    require_finite_gradient,
+    unflatten,
+)
 from .memory import graph_bytes, parse_budget
 
 #: Largest model for which ``dense()`` agrees to build the full d x d matrix.
@@ -49,7 +57,8 @@ class HessianOperator:
     Build it from ``(model, loss_fn, data)`` or from a :class:`FunctionalLoss`. Costs, in gradient units:
     ``matvec`` about 2-3 gradients (one forward-over-reverse pass per batch); ``matmat`` with ``k`` columns
     runs them ``chunk`` at a time through one vectorised call (default: 1 on CPU, 8 on CUDA).
-    ``hvp_count`` counts vectors multiplied.
+    ``hvp_count`` counts vectors multiplied. A NaN/inf gradient or product raises
+    :class:`~sharpness.functional.NonFiniteError` naming it, never a silent NaN.
 
     ``backend`` selects how a batch of products is formed: ``"func"`` (``vmap`` over ``jvp(grad)``, nothing
     kept between products) or ``"autograd"`` (double backward with ``is_grads_batched`` on the graph of
@@ -129,7 +138,7 @@ class HessianOperator:
         """Flat ``nabla L(theta)`` (one gradient)."""
         self.grad_count += 1
         g = sum(w * grad(f)(self.theta) for w, f in self._flat_terms())
-        return self.fl.allsum(g, "a gradient")  # type: ignore[arg-type]
+        return require_finite_gradient(self.fl.allsum(g, "a gradient"), self.fl.params)  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- products
     def matvec(self, v: Tensor) -> Tensor:
@@ -146,7 +155,10 @@ class HessianOperator:
         self.hvp_count += rows.shape[0]
         if not out:
             return V.clone()
-        return self.fl.allsum(torch.cat(out, 0), "a block of Hessian-vector products").T.contiguous()
+        return require_finite(
+            self.fl.allsum(torch.cat(out, 0), "a block of Hessian-vector products").T.contiguous(),
+            "a Hessian-vector product at the measured weights",
+        )
 
     def _hvp_rows(self, rows: Tensor) -> Tensor:
         if self.backend == "func":
@@ -166,11 +178,16 @@ class HessianOperator:
             total = w * hv if total is None else total + w * hv
         return total.detach()  # type: ignore[union-attr]
 
-    def _graph(self, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        """``(t, grad L_b(t))`` with the graph of the gradient kept (one gradient)."""
+    def _graph(self, f: Callable[[Tensor], Tensor], i: int) -> tuple[Tensor, Tensor]:
+        """``(t, grad L_b(t))`` of batch ``i`` with the graph of the gradient kept (one gradient); a NaN/inf
+        loss or gradient raises :class:`~sharpness.functional.NonFiniteError` naming the batch."""
+        n = len(self.fl.terms())
+        where = "the measured weights" + (f" (batch {i} of {n})" if n > 1 else "")
         t = self.theta.clone().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+            loss = require_finite(f(t), f"the loss at {where}")
+            (g,) = torch.autograd.grad(loss, t, create_graph=True)
+        require_finite_gradient(g, self.fl.params, where)
         return t, g
 
     def _gradient_graphs(self) -> list[tuple[float, Tensor, Tensor]]:
@@ -179,11 +196,11 @@ class HessianOperator:
         if self._graphs is None:
             graphs: list[tuple[float, Tensor, Tensor]] = []
             used = 0
-            for w, f in self._flat_terms():
+            for i, (w, f) in enumerate(self._flat_terms()):
                 if used >= self.graph_budget:
                     break
                 with graph_bytes(self.device) as size:
-                    t, g = self._graph(f)
+                    t, g = self._graph(f, i)
                 if used + size() > self.graph_budget:
                     del t, g
                     break
@@ -206,8 +223,10 @@ class HessianOperator:
         for w, t, g in cached:
             hv = w * self._backward(t, g, rows, True)
             total = hv if total is None else total + hv
-        for w, f in self._flat_terms()[len(cached) :]:  # streamed: rebuilt, used once, freed
-            t, g = self._graph(f)
+        for i, (w, f) in enumerate(
+            self._flat_terms()[len(cached) :], start=len(cached)
+        ):  # streamed: rebuilt,
+            t, g = self._graph(f, i)  # used once, freed
             hv = w * self._backward(t, g, rows, False)
             del t, g
             total = hv if total is None else total + hv

@@ -6,7 +6,6 @@ problem (input shape, label range, target shape, NaN/inf loss) instead of a trac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +82,10 @@ def check_fit(
             f"the model maps {name} inputs {tuple(probe.shape)} to {shape}; expected (N, outputs)"
         )
     c = int(out.shape[1])
+    if not y.is_floating_point() and y.dim() != 1:
+        raise SharpnessInputError(
+            f"{name}: integer labels must be one class index per sample, got shape {tuple(y.shape)}"
+        )
     if not y.is_floating_point():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= c:
@@ -161,15 +164,6 @@ def accuracy(
     if dp is not None:  # data split across ranks: the counts of all of them
         correct, total = (int(dp.sum_float(v, "the accuracy counts")) for v in (correct, total))
     return correct, total
-
-
-def check_finite_loss(value: float, where: str) -> None:
-    """One line for a NaN/inf loss at the checkpoint."""
-    if not math.isfinite(value):
-        raise SharpnessInputError(
-            f"the loss at {where} is {value} (NaN/inf): the weights, the data or the model's outputs "
-            "are not finite"
-        )
 
 
 def batch_statistics_note(model: nn.Module, train_mode: bool, n_batches: int) -> str | None:

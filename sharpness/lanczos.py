@@ -19,7 +19,7 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor, nn
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError
+from .functional import Batch, FunctionalLoss, SharpnessInputError, seeded
 from .krylov import Lanczos
 from .operators import (
     apply_blocks,
@@ -102,6 +102,7 @@ def _scipy_top(op: Any, k: int, tol: float, which: str, max_iter: int | None, ge
     return vals[order], Y, np.full(len(order), np.nan), converged, 0
 
 
+@seeded
 def top_eigenvalues(
     model: nn.Module | FunctionalLoss | Any,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -198,6 +199,7 @@ class DensityResult(Result):
     n_steps_used: list[int] = field(default_factory=list)
 
 
+@seeded
 def spectral_density(
     model: nn.Module | FunctionalLoss | Any,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from .evaluate import loss_at, loss_values, prepare
-from .functional import Batch, FunctionalLoss, Params, SharpnessInputError, flatten, select_params
+from .functional import (
+    Batch,
+    FunctionalLoss,
+    Params,
+    SharpnessInputError,
+    check_seed,
+    flatten,
+    seeded,
+    select_params,
+)
 from .results import Result
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -116,7 +125,7 @@ def random_direction(
     else:
         named = dict(model.named_parameters())
         like = {n: named[n].detach() for n in select_params(model, params)}
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     d = sum(p.numel() for p in like.values())
     raw = torch.randn(d, generator=gen, dtype=torch.float64)
     return normalize_direction(raw, like, norm=norm, ignore_1d=ignore_1d)
@@ -162,11 +171,15 @@ def _grid_losses(
     V = torch.stack(vecs, 0)  # (n_dirs, d)
     losses = torch.empty(coeff.shape[0], dtype=torch.float64)
     for i in range(0, coeff.shape[0], 64):
-        losses[i : i + 64] = loss_values(fl, theta + coeff[i : i + 64] @ V, chunk=chunk).double().cpu()
+        block = theta + coeff[i : i + 64] @ V
+        losses[i : i + 64] = (
+            loss_values(fl, block, chunk=chunk, where="points of the landscape").double().cpu()
+        )
     base = loss_at(fl, theta)
     return losses.reshape(shape), base, [float(v.norm()) for v in vecs], settings
 
 
+@seeded
 def loss_line(
     model: nn.Module | FunctionalLoss,
     direction: Direction = None,
@@ -204,6 +217,7 @@ def loss_line(
     )
 
 
+@seeded
 def loss_surface(
     model: nn.Module | FunctionalLoss,
     dir1: Direction = None,

@@ -113,6 +113,19 @@ def layer_groups(model: torch.nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def check_settings(settings: ReportSettings, metrics: list[str], num_params: int) -> None:
+    """One line for a setting the metrics cannot honour: more eigenvalues than parameters, a noise scale whose
+    square overflows. Cost: none; called before any measurement."""
+    if "eigs" in metrics and settings.top_k > num_params:
+        raise SharpnessInputError(
+            f"--top-k {settings.top_k} asks for more eigenvalues than the model's {num_params} parameters"
+        )
+    if "avg-sam" in metrics:
+        for sigma in settings.sigmas:
+            if not math.isfinite(sigma * sigma):
+                raise SharpnessInputError(f"--sigmas {sigma:g} is too large: sigma^2 overflows")
+
+
 def run_report(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -126,9 +139,12 @@ def run_report(
 ) -> Report:
     """Run ``metrics`` on ``L(w)``, the loss over ``batches``, at the model's weights, all with one seed.
 
-    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Cost: the sum
-    of the metrics' costs (see :data:`METRICS`), plus one forward pass.
+    ``accuracy()`` returns ``(correct, total)`` or ``None`` when targets are not class labels. Each metric
+    draws train-mode dropout masks from ``settings.seed``; the ``sharpness`` command runs the whole report
+    under :func:`~sharpness.functional.private_rng` with that seed, so the loss and accuracy do too. Cost: the
+    sum of the metrics' costs (see :data:`METRICS`), plus one forward pass.
     """
+    check_settings(settings, metrics, sum(p.numel() for p in model.parameters() if p.requires_grad))
     s, rep, bar = settings, Report(), Progress(progress)
     fl = make_loss(model, loss_fn, batches, train_mode=s.train_mode)
     op = ProgressOperator(fl, graph_memory=s.graph_memory)
@@ -173,7 +189,7 @@ def run_report(
             )
         )
     if "eigs" in want:
-        k = min(s.top_k, op.num_params)
+        k = s.top_k
         eig = timed(
             "eigs",
             f"top-{k} eigenvalues",

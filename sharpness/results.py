@@ -88,6 +88,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def check_destination(path: str | os.PathLike[str], what: str, *, directory: bool = False) -> Path:
+    """Raise a one-line :class:`~sharpness.functional.SharpnessInputError` unless ``path`` can be written as a
+    file (``directory=False``) or used as a folder of files: an existing path of the other kind, a parent that
+    is a file, or a folder this process may not write into. Creates nothing. Cost: a few ``stat`` calls."""
+    from .functional import SharpnessInputError
+
+    p = Path(path).expanduser()
+    kind = "folder" if directory else "file"
+    if p.exists() and p.is_dir() != directory:
+        raise SharpnessInputError(f"{what} {path} is a {'file' if directory else 'folder'}, not a {kind}")
+    ancestor = p if directory else p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SharpnessInputError(f"{what} {path}: {ancestor} is a file, so the {kind} cannot be written")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SharpnessInputError(f"{what} {path}: no permission to write in {ancestor}")
+    return p
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` (made JSON-ready by :func:`jsonable`) as indented JSON."""
     return atomic_write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .evaluate import loss_at, loss_values, prepare, value_and_grad
-from .functional import Batch, FunctionalLoss, SharpnessInputError
+from .functional import Batch, FunctionalLoss, SharpnessInputError, seeded
 from .hvp import HessianOperator
 from .results import Result
 from .trace import hessian_trace
@@ -94,8 +94,8 @@ def _covariance(fl: FunctionalLoss, sigma: float | None, deviations: Deviations 
     if (sigma is None) == (deviations is None):
         raise SharpnessInputError("give exactly one of sigma (Sigma = sigma^2 I) and deviations (Sigma = Xi)")
     if sigma is not None:
-        if not math.isfinite(sigma) or sigma < 0:
-            raise SharpnessInputError(f"sigma must be a finite number >= 0, got {sigma}")
+        if not math.isfinite(sigma * sigma) or sigma < 0:
+            raise SharpnessInputError(f"sigma must be a number >= 0 whose square is finite, got {sigma}")
         return None
     return as_deviation_matrix(deviations, fl)  # type: ignore[arg-type]
 
@@ -109,6 +109,7 @@ def _draw(
 
 
 # --------------------------------------------------------------------------- measurements
+@seeded
 def avg_sam_loss(
     model: nn.Module | FunctionalLoss,
     loss_fn: LossFn | None = None,
@@ -152,21 +153,19 @@ def avg_sam_loss(
     gen = torch.Generator().manual_seed(seed)
     theta = fl.flat_params().detach()
     base = loss_at(fl, theta)
+    noise = f"sigma = {sigma:g}" if D is None else "the deviations"
+    where = f"the noisy weights w + eps ({noise}: too large?)"
     samples: list[Tensor] = []
     for i in range(0, n_draw, BLOCK):
         eps = _draw(min(BLOCK, n_draw - i), theta.numel(), sigma, D, gen, theta)
-        vals = loss_values(fl, theta + eps, chunk=chunk)
+        vals = loss_values(fl, theta + eps, chunk=chunk, where=where)
         if antithetic:
-            vals = 0.5 * (vals + loss_values(fl, theta - eps, chunk=chunk))
+            vals = 0.5 * (vals + loss_values(fl, theta - eps, chunk=chunk, where=where))
         samples.append(vals.double().cpu())
     s = torch.cat(samples)
     value = float(s.mean())
     n_eval = n_draw * (2 if antithetic else 1)
     trace_sigma = xi_trace(D) if D is not None else float(sigma) ** 2 * theta.numel()  # type: ignore[arg-type]
-    if not math.isfinite(value):
-        raise SharpnessInputError(
-            f"the perturbed loss is {value} (NaN/inf): sigma or the deviations too large?"
-        )
     settings["n_samples"] = n_eval
     return AvgSamResult(
         value=value,
@@ -184,6 +183,7 @@ def avg_sam_loss(
     )
 
 
+@seeded
 def avg_sam_quadratic(
     model: nn.Module | FunctionalLoss,
     loss_fn: LossFn | None = None,
@@ -251,6 +251,7 @@ def avg_sam_quadratic(
     )
 
 
+@seeded
 def sam_sharpness(
     model: nn.Module | FunctionalLoss,
     loss_fn: LossFn | None = None,
@@ -298,10 +299,11 @@ def sam_sharpness(
     _, g = value_and_grad(fl, theta)
     gnorm = float(g.norm())
     eps = g * (rho / gnorm) if gnorm > 0 else torch.zeros_like(theta)
-    best_eps, best = eps, loss_at(fl, theta + eps)
+    where = f"the SAM-perturbed weights w + eps, ||eps|| <= rho = {rho:g}"
+    best_eps, best = eps, loss_at(fl, theta + eps, where)
     n_forward, n_grad = 2, 1
     for _ in range(steps - 1):
-        _, gk = value_and_grad(fl, theta + eps)
+        _, gk = value_and_grad(fl, theta + eps, where)
         n_grad += 1
         nk = float(gk.norm())
         if nk == 0:
@@ -310,7 +312,7 @@ def sam_sharpness(
         norm = float(eps.norm())
         if norm > rho:
             eps = eps * (rho / norm)
-        val = loss_at(fl, theta + eps)
+        val = loss_at(fl, theta + eps, where)
         n_forward += 1
         if val > best:
             best, best_eps = val, eps

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError
+from .functional import Batch, FunctionalLoss, SharpnessInputError, seeded
 from .operators import apply_blocks, rademacher, recorded_mode, release, resolve_operator
 from .results import Result
 
@@ -80,6 +80,7 @@ def _hutchinson(
     return samples, False
 
 
+@seeded
 def hessian_trace(
     model: nn.Module | FunctionalLoss | Any,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sharpness.arguments import OneLineParser
+
 from .algorithms import ALGORITHMS
-from .config import RunConfig
+from .config import CODE_OPTIONS, ConfigError, RunConfig, check_trusted
 from .models import BUILDERS
 from .stacked import EXECUTIONS
 
@@ -95,7 +97,9 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--hess-samples", "hess_samples", _opt_int, "HVPs on a fixed seeded subset of the training set"),
     ("--drift-every", "drift_every", int, "drift every N steps, m+1 full gradients (0: never)"),
     ("--sharpness-every", "sharpness_every", int, "Tr H (Hutchinson) and lambda_max (Lanczos) every N steps"),
-    ("--ckpt-every", "ckpt_every", int, "checkpoint every N steps (always at the end)"),
+    ("--ckpt-every", "ckpt_every", int, "also checkpoint every N steps (always at the start and the end)"),
+    ("--ckpt-seconds", "ckpt_seconds", float, "also checkpoint once this much wall time (s) has passed since"
+     " the last checkpoint (0: off)"),
     ("--execution", "execution", str, f"{', '.join(EXECUTIONS)}: how the m local gradients are computed"),
     ("--rho", "rho", float, "SAM radius rho"),
     ("--sigma", "sigma", float, "avgsam perturbation scale sigma"),
@@ -133,6 +137,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="continue RUN (or --out) from its checkpoint; the result equals an uninterrupted run",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the run files already in --out")
+    p.add_argument(
+        "--trust-config",
+        action="store_true",
+        help="let a configuration read from a file (--resume's config.json, --config) import and call the "
+        "MODULE:CALLABLE models, losses and data specs it names; without it only the toolkit's own are used",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")  # fmt: skip
 
@@ -147,6 +157,34 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return cfg
 
 
+def run_folder(args: argparse.Namespace) -> str | None:
+    """The run directory: ``--resume RUN`` or ``--out DIR``; refuses both naming different folders (a resumed
+    run continues in its own folder)."""
+    if isinstance(args.resume, str):
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ValueError(
+                f"--resume {args.resume} continues that run in its own folder, but --out says {args.out}: "
+                "give one of them"
+            )
+        return args.resume
+    return args.out
+
+
+def trusted_base(saved: object, source: str, args: argparse.Namespace) -> RunConfig:
+    """The configuration ``saved`` read from the file ``source`` (errors name the file), once
+    :func:`verify.config.check_trusted` lets it name the code it names (given on the command line, or
+    ``--trust-config``)."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source} does not hold a run configuration (a JSON object of settings)")
+    try:
+        config = RunConfig.from_dict(saved).validate()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
+    given = {name for name in CODE_OPTIONS if getattr(args, name, None) is not None}
+    check_trusted(config, source, given, bool(getattr(args, "trust_config", False)))
+    return config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "launcher", "none") != "none":  # one process per worker: verify.distributed
         from .distributed.launch import cmd_launch
@@ -155,10 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine import run
     from .rundir import read_config
 
-    out = args.resume if isinstance(args.resume, str) else args.out
+    out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
-    base = RunConfig.from_dict(read_config(Path(out))["config"]) if args.resume else None
+    base = None
+    if args.resume:
+        base = trusted_base(read_config(Path(out))["config"], f"{out}/config.json", args)
     cfg = config_from_args(args, base)
     res = run(cfg, out, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
     last = res.metrics[-1] if res.metrics else {}
@@ -170,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser(with_check: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsgd-verify", description=DESCRIPTION,
+    parser = OneLineParser(prog="dsgd-verify", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
@@ -215,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("dsgd-verify: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        where = args.resume if isinstance(getattr(args, "resume", None), str) else getattr(args, "out", None)
+        how = f"dsgd-verify run --resume {where}" if where else "--resume RUN"
+        print(f"dsgd-verify: interrupted; continue from the last checkpoint with {how}", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError) as exc:
         if getattr(args, "debug", False):
@@ -223,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dsgd-verify: error: {text}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, or user code that failed mid-run: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"dsgd-verify: internal error: {type(exc).__name__}: {text} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

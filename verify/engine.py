@@ -38,6 +38,7 @@ from .algorithms import CENTRALISED, GOSSIP, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problems import Problem
 from .rundir import (
+    Checkpoints,
     MetricsWriter,
     load_ckpt,
     prepare_out,
@@ -55,7 +56,7 @@ BASE_COLUMNS = ["step", "lr", "batch_loss", "consensus_distance", "consensus_dis
                 "train_loss", "train_acc", "test_loss", "test_acc"]  # fmt: skip
 ENSEMBLE_COLUMNS = ["ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece"]
 #: Settings a resumed run may change (everything else must match the saved config).
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "device")
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "ckpt_seconds", "device")
 
 
 @dataclass
@@ -219,7 +220,7 @@ def run(
     if resume:
         if outp is None:
             raise ConfigError("resume needs the run directory (out)")
-        state, execution = load_ckpt(outp, problem.device)
+        state, execution = load_ckpt(outp, problem.device, problem.m, problem.num_params, problem.buffers)
         if state.step > config.steps:
             raise ConfigError(f"the checkpoint is at step {state.step}, beyond steps={config.steps}")
     else:
@@ -244,10 +245,12 @@ def run(
         }
         write_config(outp, config.to_dict(), info)
     start = state.step
+    ckpts = Checkpoints(outp, execution, config.to_dict())
     if resume:
         runner.reopen(start)
     else:
         runner.log(0, state, None)
+        ckpts.write(state)
     diverged_at, message, batch_loss = None, None, None
     bar = tqdm(total=config.steps, initial=start, disable=not progress, file=sys.stderr, desc=config.algo,
                dynamic_ncols=True, mininterval=0.5)  # fmt: skip
@@ -261,8 +264,10 @@ def run(
             bad = losses[~torch.isfinite(losses)]
             what = f"the local loss is {float(bad[0])}" if bad.numel() else "the parameters became non-finite"
             diverged_at = t
-            message = f"diverged at step {t}: {what} (lr={lr_t:g}); stopped, the last good checkpoint is kept"
+            ckpts.drop()
+            message = f"diverged at step {t}: {what} (lr={lr_t:g}); stopped; {ckpts.note()}"
             break
+        ckpts.confirm()  # the held state's local losses (computed in this update) were finite
         if config.mix_buffers and new.buffers:
             new = dataclasses.replace(new, buffers=runner.mix_buffers(new.buffers, t, mix))
         state, batch_loss = new, float(losses.mean())
@@ -283,8 +288,8 @@ def run(
             )
         elif s % every_bar == 0 and progress:
             bar.set_postfix(loss=f"{batch_loss:.4g}", TrXi=f"{measures.consensus_distance(state.W):.3g}")
-        if outp is not None and config.ckpt_every and s % config.ckpt_every == 0:
-            save_ckpt(outp, state, execution, config.to_dict())
+        if s < config.steps and (ckpts.step_due(s) or ckpts.clock_due()):
+            ckpts.hold(state)
         bar.update(1)
     bar.close()
     if message is not None:
@@ -307,6 +312,7 @@ def _finish(out: Path, res: RunResult) -> None:
         )
     write_json(out / "result.json", {
         "diverged": res.diverged, "diverged_at": res.diverged_at, "message": res.message,
-        "steps_done": res.state.step, "execution": res.execution, "wall_s": res.wall_s,
+        "steps_done": res.diverged_at if res.diverged else res.state.step,
+        "execution": res.execution, "wall_s": res.wall_s,
         "last": res.metrics[-1] if res.metrics else None,
     })  # fmt: skip

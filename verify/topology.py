@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -123,9 +124,13 @@ def load_matrix(path: str | os.PathLike[str]) -> Tensor:
     if not os.path.isfile(p):
         raise TopologyError(f"no such mixing matrix file: {p}")
     try:
-        arr = np.load(p, allow_pickle=False) if ext == ".npy" else np.loadtxt(p, delimiter=",", ndmin=2)
+        with warnings.catch_warnings():  # an empty file: numpy warns, then validate() says what is wrong
+            warnings.simplefilter("ignore", UserWarning)
+            arr = np.load(p, allow_pickle=False) if ext == ".npy" else np.loadtxt(p, delimiter=",", ndmin=2)
     except (ValueError, OSError) as exc:
         raise TopologyError(f"cannot read a matrix from {p}: {str(exc).splitlines()[0]}") from None
+    if arr.size == 0:
+        raise TopologyError(f"{p} holds no numbers: expected an m x m mixing matrix")
     return validate(arr)
 
 

@@ -58,6 +58,13 @@ CASES = {
 }
 
 
+#: lr 1e30 on a quadratic: the parameters overflow to inf after a few steps (issue 10, item 12)
+QUAD = {"loss": "quadratic", "h": [1.0, 2.0], "w0": [1.0, -1.0], "noise_std": 0.1}
+DIVERGING = RunConfig(algo="dsgd", topology="ring", workers=PROCS, lr=1e30, local_batch=1, steps=50,
+                      dtype="float64", device="cpu", log_every=1, ckpt_every=1, ensemble=False,
+                      closed_form=QUAD)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -66,6 +73,7 @@ def launched(tmp_path_factory):
     half = dataclasses.replace(CASES["ring"], steps=10, ckpt_every=5)
     run(half, tmp / "resumed", progress=False)
     plan.append({"config": CASES["ring"].to_dict(), "out": str(tmp / "resumed"), "resume": True})
+    plan.append({"config": DIVERGING.to_dict(), "out": str(tmp / "diverged")})
     (tmp / "plan.json").write_text(json.dumps(plan))
     res = launch_local([str(tmp / "plan.json")], PROCS, timeout=20.0, log_dir=tmp,
                        command=[sys.executable, str(HERE / "dist_ranks.py")])  # fmt: skip
@@ -84,7 +92,7 @@ def test_ranks_equal_simulation(launched, name):
     else:
         assert saved["run"]["engine"] == "torch.distributed" and saved["run"]["world_size"] == PROCS
     sim = run(RunConfig.from_dict(saved["config"]), None, progress=False)  # replay its config.json simulated
-    W = torch.load(out / "ckpt.pt", weights_only=False)["W"]  # every rank's row, gathered by rank 0
+    W = torch.load(out / "ckpt.pt", weights_only=True)["W"]  # every rank's row, gathered by rank 0
     assert W.shape == sim.state.W.shape and W.dtype == torch.float64
     assert float((W - sim.state.W).abs().max()) < 1e-12
     if name == "csgd":
@@ -113,8 +121,8 @@ def test_failed_rank_is_named_and_nothing_is_left(tmp_path, kind):
                     dtype="float64", device="cpu", log_every=10, ensemble=False,
                     closed_form=faulty)  # fmt: skip
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    args = ["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"), "--timeout", str(timeout),
-            "--no-progress"]  # fmt: skip
+    args = ["--config", str(tmp_path / "cfg.json"), "--trust-config", "--out", str(tmp_path / "run"),
+            "--timeout", str(timeout), "--no-progress"]  # fmt: skip
     res = launch_local(args, PROCS, timeout=timeout, log_dir=tmp_path)
     end = time.time()
     fault = float(stamp.read_text())
@@ -128,3 +136,18 @@ def test_failed_rank_is_named_and_nothing_is_left(tmp_path, kind):
     assert res.codes[2] == (3 if kind == "exit" else -15)
     assert _children() == []
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_diverged_run_reports_the_simulations_steps(launched, tmp_path):
+    """result.json's steps_done and diverged_at, and the step ckpt.pt keeps, equal the simulation's."""
+    sim = run(DIVERGING, tmp_path / "sim", progress=False)
+    assert sim.diverged
+    want = json.loads((tmp_path / "sim" / "result.json").read_text())
+    got = json.loads((launched / "diverged" / "result.json").read_text())
+    assert got["diverged"] is True
+    assert (got["steps_done"], got["diverged_at"]) == (want["steps_done"], want["diverged_at"])
+    steps = [
+        torch.load(d / "ckpt.pt", weights_only=True)["step"]
+        for d in (tmp_path / "sim", launched / "diverged")
+    ]
+    assert steps[0] == steps[1] == sim.diverged_at - 1

@@ -4,7 +4,8 @@ Every rank parses the same options (those of ``dsgd-verify run``, plus ``--confi
 ``config.json``), joins the process group and runs :func:`verify.distributed.worker.run_rank`. A failure on
 any rank ends every rank: the failing rank and those that lose it print one line naming the rank at fault,
 record it in the rendezvous store and leave with ``os._exit`` (a broken process group must not hang the exit).
-Exit status: 0 done, 1 diverged or a rank failed, 2 bad settings.
+Exit status: 0 done, 1 diverged or a rank failed, 2 bad settings, 129 the launcher (or torchrun's agent) went
+away (one line per rank, no rank blamed), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ..cli import add_run_arguments
+from sharpness.arguments import OneLineParser
+
+from ..cli import add_run_arguments, run_folder
 from .args import add_distributed_arguments, config_for
-from .comm import Comm, DistributedRunError, close, connect
+from .comm import (
+    Comm,
+    DistributedRunError,
+    close,
+    connect,
+    launcher_gone,
+    leave_without_launcher,
+    watch_parent,
+)
 from .worker import Options, run_rank
 
 EPILOG = """\
@@ -27,7 +38,7 @@ Multi-host: the same command on every host with torchrun's --nnodes/--node-rank/
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m verify.distributed",
         epilog=EPILOG,
         description="Real multi-process D-SGD: one worker per torch.distributed rank.",
@@ -43,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _die(comm: Comm | None, message: str, code: int, culprit: bool = False) -> None:
+    if launcher_gone():  # whatever failed here, the cause is the launcher's end
+        leave_without_launcher()
     if comm is not None and culprit:
         message = comm.record(message, comm.rank)
     print(f"dsgd-verify distributed: {message}", file=sys.stderr, flush=True)
@@ -52,12 +65,14 @@ def _die(comm: Comm | None, message: str, code: int, culprit: bool = False) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "RANK" in os.environ:  # started by a launcher: stop when it goes away
+        watch_parent()
     comm = None
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = config_for(args, world)
         cfg.validate()
-        out = args.resume if isinstance(args.resume, str) else args.out
+        out = run_folder(args)
         comm = connect(args.timeout, args.backend, cfg.device)
         opts = Options(
             args.timeout, args.measure_timeout, not args.no_progress, bool(args.resume), args.overwrite

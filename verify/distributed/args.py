@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..cli import config_from_args
+from ..cli import config_from_args, run_folder, trusted_base
 from ..config import RunConfig
-from ..rundir import read_config
+from ..rundir import read_config, read_json
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,21 +32,22 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config_file(path: str | Path) -> RunConfig:
-    """A RunConfig from a run directory's ``config.json`` (``{"config": ...}``) or a bare RunConfig JSON."""
-    obj = json.loads(Path(path).read_text())
-    return RunConfig.from_dict(obj["config"] if isinstance(obj, dict) and "config" in obj else obj)
+def load_config_file(path: str | Path) -> object:
+    """The settings in a run directory's ``config.json`` (``{"config": ...}``) or a bare RunConfig JSON
+    object (checked by :func:`verify.cli.trusted_base`); one line naming the file if it is not JSON."""
+    obj = read_json(Path(path))
+    return obj["config"] if isinstance(obj, dict) and "config" in obj else obj
 
 
 def config_for(args: argparse.Namespace, world: int) -> RunConfig:
     """The run configuration: ``--config`` or the resumed run's, overridden by the options given; workers
     defaults to the number of processes."""
-    out = args.resume if isinstance(args.resume, str) else args.out
+    out = run_folder(args)
     base = None
     if getattr(args, "config", None):
-        base = load_config_file(args.config)
+        base = trusted_base(load_config_file(args.config), str(args.config), args)
     elif args.resume and out is not None:
-        base = RunConfig.from_dict(read_config(Path(out))["config"])
+        base = trusted_base(read_config(Path(out))["config"], f"{out}/config.json", args)
     cfg = config_from_args(args, base)
     if args.workers is None and base is None:
         cfg.workers = world

@@ -32,6 +32,7 @@ from ..topology import Neighbours
 
 WATCH_PREFIX = "dsgd/watch"
 PG_PREFIX = "dsgd/pg"
+_PARENT: list[int] = []  # the launcher's pid, once watch_parent runs
 #: Set by :mod:`verify.distributed.launch`: the launcher hosts the store (as torchrun's agent does).
 HOSTED_STORE_ENV = "DSGD_VERIFY_HOSTED_STORE"
 
@@ -70,16 +71,19 @@ class Comm:
     step: int = 0
     runs: int = 0
     comm_s: float = 0.0
+    store_gone: bool = False
     _peers: dict[int, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ watch channel
     def _mark(self, what: str) -> None:
         self.op += 1
         self._what = what
+        if self.store_gone:
+            return
         try:
             self.store.set(f"at/{self.rank}", f"{self.op}|{what} at step {self.step}")
-        except RuntimeError:  # the store is gone (launcher killed); the op itself will fail and be reported
-            pass
+        except RuntimeError:  # the store is gone (launcher killed): stop writing to it; watch_parent reports
+            self.store_gone = True
 
     def _behind(self) -> tuple[list[int], dict[int, str]]:
         """The ranks furthest behind this one in the common sequence of communications (never reached it,
@@ -247,6 +251,39 @@ class Comm:
     def release(self, key: str) -> None:
         """Rank 0: let the others past :meth:`wait_for_rank0` (``key``)."""
         self.store.set(key, "1")
+
+
+def watch_parent(interval: float = 0.2) -> None:
+    """End this rank, with one line and exit status 129 (128 + SIGHUP, as for a lost terminal), as soon as
+    the process that started it (the local launcher or torchrun's agent, which hosts the rendezvous store)
+    is gone: without it no failure could be diagnosed, and every store access would only print warnings.
+    A daemon thread polls the parent's pid every ``interval`` seconds."""
+    import threading
+
+    parent = os.getppid()
+    _PARENT.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        leave_without_launcher()
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def launcher_gone() -> bool:
+    """Whether the process that started this rank (see :func:`watch_parent`) has gone away."""
+    return bool(_PARENT) and os.getppid() != _PARENT[0]
+
+
+def leave_without_launcher() -> None:
+    """One line saying the launcher went away, then exit status 129 (no other rank is to blame)."""
+    import sys
+
+    rank = os.environ.get("RANK", "?")
+    print(f"dsgd-verify distributed: rank {rank}: the launcher (pid {_PARENT[0]}) went away; stopping",
+          file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(129)
 
 
 def loopback_ifname() -> str | None:

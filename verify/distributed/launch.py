@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,16 @@ class LaunchResult:
 
 
 def loopback_env(procs: int, env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of the ranks: gloo on loopback, ``OMP_NUM_THREADS`` = cores / procs unless set."""
+    """The environment of the ranks: gloo on loopback, ``OMP_NUM_THREADS`` = cores / procs and
+    ``TORCH_CPP_LOG_LEVEL=ERROR`` unless set."""
     out = dict(os.environ if env is None else env)
     lo = loopback_ifname()
     if lo is not None:
         out.setdefault("GLOO_SOCKET_IFNAME", lo)
     out.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, procs))))
+    # c10d's C++ warnings (a store write after the launcher went away: 25 lines each) are not for users;
+    # the ranks report failures themselves, one line each
+    out.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return out
 
 
@@ -183,30 +188,50 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     add_distributed_arguments(p)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    print(f"dsgd-verify: terminated (signal {signum}); stopping the ranks", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     """``dsgd-verify run --launcher torchrun|local --procs N ...``: write the configuration to a temporary
     ``config.json``, start the ranks on loopback with ``--config`` pointing at it, return their status."""
+    from ..cli import run_folder
     from .args import config_for
+    from .worker import preflight
 
-    out = args.resume if isinstance(args.resume, str) else args.out
+    out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
     procs = args.procs if args.procs is not None else args.workers
     if procs is None:
         raise ValueError("give --procs N (one process per worker)")
     cfg = config_for(args, procs)
-    cfg.validate()
+    preflight(cfg, procs, out, bool(args.resume), args.overwrite)  # once here, not in every rank
     with tempfile.TemporaryDirectory(prefix="dsgd-launch-") as tmp:
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg.to_dict()))
-        rest = ["--config", str(path), "--timeout", str(args.timeout), "--backend", args.backend]
+        # the ranks read back the configuration checked above (config_for), written by this process
+        rest = [
+            "--config",
+            str(path),
+            "--trust-config",
+            "--timeout",
+            str(args.timeout),
+            "--backend",
+            args.backend,
+        ]
         rest += ["--measure-timeout", str(args.measure_timeout)]
         rest += ["--resume", str(out)] if args.resume else ["--out", str(out)]
         rest += ["--overwrite"] * bool(args.overwrite) + ["--no-progress"] * bool(args.no_progress)
-        if args.launcher == "torchrun":
-            res = launch_torchrun(rest, procs)
-        else:
-            res = launch_local(rest, procs, timeout=args.timeout)
+        previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM: stop and reap the ranks first
+        try:
+            if args.launcher == "torchrun":
+                res = launch_torchrun(rest, procs)
+            else:
+                res = launch_local(rest, procs, timeout=args.timeout)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if res.returncode and res.failure:
         print(f"dsgd-verify: the distributed run failed: {res.failure}", file=sys.stderr)
     return res.returncode

@@ -12,10 +12,13 @@ state, with:
   one); every rank then applies the same update to its copy of the one model.
 
 Logging (rank 0 writes ``metrics.csv``), checkpoints (rows gathered to rank 0, in the engine's ``ckpt.pt``
-format, so either engine can resume the other's run), ``avg.pt`` and ``result.json`` are the engine's
-(:mod:`verify.rundir`); ``result.json`` also gets a ``distributed`` block with the time per step split into
-compute and communication. Divergence is checked at every log and checkpoint step (one ``all_reduce``), so a
-run stops at the first of those after the step that diverged (the step itself is reported).
+format, so either engine can resume the other's run; when and which state:
+:class:`verify.rundir.Checkpoints`),
+``avg.pt`` and ``result.json`` are the engine's (:mod:`verify.rundir`); ``result.json`` also gets a
+``distributed`` block with the time per step split into compute and communication. Divergence is checked at
+every log and checkpoint step and at the step after a checkpoint was held (one ``all_reduce``, which also
+carries rank 0's checkpoint clock), so a run stops at the first of those after the step that diverged; the
+step itself is reported, and ``steps_done`` equals the simulation's.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..algorithms import CENTRALISED, GOSSIP, AlgoConfig, State, avgsam_perturba
 from ..config import DTYPES, ConfigError, RunConfig, build_problem
 from ..engine import RESUMABLE_CHANGES, RunResult, _finish, _Runner
 from ..problems import Problem
-from ..rundir import load_ckpt, prepare_out, save_ckpt, versions, write_config
+from ..rundir import Checkpoints, check_out, load_ckpt, prepare_out, read_ckpt, versions, write_config
 from ..stacked import local_grads
 from ..topology import schedule
 from . import measure
@@ -73,6 +76,32 @@ def check_config(config: RunConfig, world: int) -> RunConfig:
             f"(one worker per process): start {config.workers} processes or set --workers {world}"
         )
     return config
+
+
+def preflight(config: RunConfig, world: int, out: str | Path | None, resume: bool, overwrite: bool) -> None:
+    """Everything a launcher checks once before it starts ``world`` ranks, changing nothing: the settings
+    (:func:`check_config`), the data and the model's fit (:func:`~verify.config.build_problem` on the CPU),
+    the run folder (:func:`~verify.rundir.check_out`) and, to resume, its checkpoint. Raises a one-line
+    ``ValueError``. Cost: loading the data and one gradient, as in one rank's start-up."""
+    config = check_config(config, world)
+    problem = build_problem(
+        dataclasses.replace(config, device="cpu"), torch.device("cpu"), DTYPES[config.dtype]
+    )
+    if out is None:
+        return
+    outp = Path(out)
+    check_out(outp, resume, overwrite, config.to_dict(), RESUMABLE_CHANGES)
+    if resume:
+        W = read_ckpt(outp / "ckpt.pt")["W"] if (outp / "ckpt.pt").is_file() else None
+        if W is None:
+            raise ConfigError(
+                f"{outp} holds no checkpoint (ckpt.pt) to resume from: start again with --overwrite"
+            )
+        if tuple(W.shape) != (world, problem.num_params):
+            raise ConfigError(
+                f"{outp / 'ckpt.pt'} holds {W.shape[0]} workers of {W.shape[1]} parameters; this run has "
+                f"{world} of {problem.num_params}"
+            )
 
 
 def resolve_execution(problem: Problem, config: RunConfig, w: torch.Tensor, batch: tuple) -> str:
@@ -133,7 +162,10 @@ def _gather_state(comm: Comm, state: State) -> State | None:
 
 def _resume_state(comm: Comm, out: Path, like: State) -> State:
     """Rank 0 reads ``out/ckpt.pt``; row j goes to rank j."""
-    full = load_ckpt(out, torch.device("cpu"))[0] if comm.rank == 0 else None
+    full = None
+    if comm.rank == 0:
+        bufs = {k: v[0] for k, v in like.buffers.items()}
+        full = load_ckpt(out, torch.device("cpu"), comm.world, like.W.shape[1], bufs)[0]
     head = torch.tensor([full.step, full.momentum is not None] if full else [0, 0], dtype=torch.float64)
     step, has_mom = (int(v) for v in comm.broadcast(head.to(comm.device), "broadcast of the checkpoint step"))
     dev = comm.device
@@ -222,8 +254,11 @@ def run_rank(
 
     bar = tqdm(total=config.steps, initial=start, disable=not (opts.progress and j == 0), file=sys.stderr,
                desc=f"{config.algo} x{m} ranks", dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    ckpts = Checkpoints(outp if j == 0 else None, execution, config.to_dict())
     if not opts.resume:
         log(0, None)
+        if outp is not None:
+            ckpts.write(_gather_state(comm, state))
     first_bad, local_loss, diverged_at, message = math.inf, None, None, None
     step_s = comm_s = 0.0
     for t in range(start, config.steps):
@@ -250,24 +285,27 @@ def run_rank(
                 for e in (config.hess_every, config.drift_every, config.sharpness_every)
             )
         )
-        ckpt = outp is not None and bool(config.ckpt_every) and s % config.ckpt_every == 0
-        if logging or ckpt:
-            flag = torch.tensor([first_bad], dtype=torch.float64, device=comm.device)
-            bad = float(comm.all_reduce(flag, "the divergence check", op=dist.ReduceOp.MIN)[0])
-            if math.isfinite(bad):
-                diverged_at = int(bad)
+        may_ckpt = outp is not None and s < config.steps
+        step_due, holding, ckpt = may_ckpt and ckpts.step_due(s), ckpts.pending is not None, False
+        if logging or step_due or holding:  # a held checkpoint is confirmed at the very next step
+            clock = may_ckpt and j == 0 and ckpts.clock_due()  # rank 0's clock decides for all
+            flag = torch.tensor([first_bad, 0.0 if clock else 1.0], dtype=torch.float64, device=comm.device)
+            flag = comm.all_reduce(flag, "the divergence check", op=dist.ReduceOp.MIN).cpu()
+            if math.isfinite(float(flag[0])):
+                diverged_at = int(flag[0])
+                ckpts.drop()
                 lr_bad = lr_at(diverged_at, config.lr, config.warmup, config.milestones)
                 message = (
                     f"diverged at step {diverged_at}: a worker's local loss or parameters became non-finite "
-                    f"(lr={lr_bad:g}); stopped, the last good checkpoint is kept"
+                    f"(lr={lr_bad:g}); stopped; {ckpts.note()}"
                 )
                 break
+            ckpts.confirm()
+            ckpt = step_due or float(flag[1]) == 0.0
         if logging:
             log(s, local_loss)
         if ckpt:
-            full = _gather_state(comm, state)
-            if full is not None:
-                save_ckpt(outp, full, execution, config.to_dict())  # type: ignore[arg-type]
+            ckpts.hold(_gather_state(comm, state))
         bar.update(1)
     bar.close()
     full = None if diverged_at is not None else _gather_state(comm, state)
