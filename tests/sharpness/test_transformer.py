@@ -159,8 +159,8 @@ def saved_lm(tmp_path_factory):
 def test_cli_trace_topk_avgsam_of_a_saved_lm_equal_the_api(saved_lm, tmp_path, loss, capsys):
     ckpt, text, kwargs = saved_lm
     out = tmp_path / "r.json"
-    argv = [str(ckpt), "--data", f"text:{text}:seq=8", "--loss", loss, "--metrics", "loss,trace,eigs,avg-sam",
-            "--probes", "6", "--top-k", "2", "--sigmas", "0.01", "--batch-size", "4", "--no-progress",
+    argv = [str(ckpt), "--arch", "tests.sharpness.tiny_lm:make_lm", "--data", f"text:{text}:seq=8",
+            "--loss", loss, "--metrics", "loss,trace,eigs,avg-sam", "--probes", "6", "--top-k", "2", "--sigmas", "0.01", "--batch-size", "4", "--no-progress",
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -182,5 +182,6 @@ def test_cli_trace_topk_avgsam_of_a_saved_lm_equal_the_api(saved_lm, tmp_path, l
 
 def test_cli_refuses_lm_on_class_labels(saved_lm, capsys):
     ckpt, _, _ = saved_lm
-    assert main([str(ckpt), "--data", "digits", "--loss", "lm", "--no-progress"]) == 2
+    argv = [str(ckpt), "--arch", "tests.sharpness.tiny_lm:make_lm", "--data", "digits", "--loss", "lm"]
+    assert main([*argv, "--no-progress"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
