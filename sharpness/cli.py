@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .inputs import accuracy, batch_statistics_note, check_fit, loss_function
     from .memory import describe_products, parse_budget
-    from .report import parse_metrics, run_report, select_metrics
+    from .report import METRICS, parse_metrics, run_report, select_metrics
     from .table import format_table, report_json
 
     started = time.perf_counter()
@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     chosen, skipped = select_metrics(
         requested, info["num_params"], first.element_size(), device, args.per_layer
     )
+    if args.ranks is not None:  # free GPU memory may differ between ranks: run what all of them can
+        agreed = args.ranks.agree(chosen, list(METRICS))
+        skipped.update({m: "left out on another rank (memory)" for m in chosen if m not in agreed})
+        chosen = agreed
     settings = ReportSettings(
         probes=args.probes,
         top_k=args.top_k if args.top_k is not None else min(5, trainable),

@@ -127,6 +127,13 @@ class DataParallel:
         """``sum_r value_r`` of a Python number, in float64."""
         return float(self.sum(torch.tensor([float(value)], dtype=torch.float64, device=self.device), what)[0])
 
+    def agree(self, chosen: list[str], universe: list[str], what: str = "the metrics to run") -> list[str]:
+        """The items of ``chosen`` that every rank chose (a choice that depends on free memory may differ
+        between ranks, and different work would desynchronise the collectives). One ``all_reduce``."""
+        mask = torch.tensor([float(u in chosen) for u in universe], dtype=torch.float64, device=self.device)
+        total = self.sum(mask, what)
+        return [u for u, n in zip(universe, total.tolist(), strict=True) if u in chosen and n == self.world]
+
     @property
     def device(self) -> torch.device:
         """Where collectives run: this rank's CUDA device under NCCL, else the CPU."""

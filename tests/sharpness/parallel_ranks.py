@@ -59,6 +59,8 @@ if __name__ == "__main__":
         with data_parallel(dp):
             doc = report(dp.shard(batches), model)
         doc["api_trace"] = api_trace(dp.shard(batches), model, dist.group.WORLD)
+        # ranks that chose different metrics (free memory differs) run what all of them chose
+        assert dp.agree(["a", "b"] if dp.rank == 0 else ["b", "c"], ["a", "b", "c"]) == ["b"]
         if dp.rank == 0:
             with open(out, "w") as fh:
                 json.dump(doc, fh)
