@@ -44,10 +44,11 @@ warnings.filterwarnings("ignore", message=".*create_graph=True will create a ref
 BUDGETS = {"cached": "1T", "streamed": 0, "auto": "auto"}
 
 
-def child(args: argparse.Namespace) -> None:
-    """One configuration in this (fresh) process; prints one JSON line."""
-    from sharpness.hvp import HessianOperator
-    from sharpness.trace import hessian_trace
+def problem(
+    args: argparse.Namespace, n_batches: int
+) -> tuple[torch.device, nn.Module, list, torch.Generator]:
+    """The device, the seeded model (eval mode), ``n_batches`` batches of random MNIST-shaped inputs with
+    random labels, and the generator (for further draws)."""
     from verify.models import small_cnn
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -55,10 +56,23 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = small_cnn(in_channels=1, image=28, width=args.width).to(device).eval()
     gen = torch.Generator().manual_seed(1)
-    n = args.batch * args.n_batches
+    n = args.batch * n_batches
     x = torch.randn(n, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
-    batches = [(x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, n, args.batch)]
+    return (
+        device,
+        model,
+        [(x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, n, args.batch)],
+        gen,
+    )
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration in this (fresh) process; prints one JSON line."""
+    from sharpness.hvp import HessianOperator
+    from sharpness.trace import hessian_trace
+
+    device, model, batches, _ = problem(args, args.n_batches)
     kw = {} if args.mode == "before" else {"graph_memory": BUDGETS[args.mode]}
     op = HessianOperator(model, nn.CrossEntropyLoss(), batches, **kw)
     run = lambda: hessian_trace(op, n_probes=args.probes, seed=0)
@@ -130,17 +144,8 @@ def interleaved_timing(args: argparse.Namespace) -> dict[str, float]:
     from _timing import interleaved, median
 
     from sharpness.hvp import HessianOperator
-    from verify.models import small_cnn
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = small_cnn(in_channels=1, image=28, width=args.width).to(device).eval()
-    gen = torch.Generator().manual_seed(1)
-    n = args.batch * args.timing_batches
-    x = torch.randn(n, 1, 28, 28, generator=gen).to(device)
-    y = torch.randint(0, 10, (n,), generator=gen).to(device)
-    batches = [(x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, n, args.batch)]
+    device, model, batches, gen = problem(args, args.timing_batches)
     loss = nn.CrossEntropyLoss()
     ops = {m: HessianOperator(model, loss, batches, graph_memory=BUDGETS[m]) for m in ("cached", "streamed")}
     v = torch.randn(ops["cached"].num_params, generator=gen).to(device)
