@@ -130,6 +130,10 @@ class Flatness(Check):
         control_effects = flatness_effects(carr["small"], carr["large"], "C/C'")
         measured = {f"mean_log_ratio_{k}_{n}": float(arr[n][k].mean()) for n in BATCHES for k in KEYS}
         measured.update({f"ratio_{k}_{n}": float(np.exp(arr[n][k].mean())) for n in BATCHES for k in KEYS})
+        rel_se = [
+            c.values["trace_h_se"] / c.values["trace_h"] for pair in curves.values() for c in pair.values()
+        ]
+        measured["median_relative_trace_h_stderr"] = float(np.median(np.concatenate(rel_se)))
         curve_series = {
             "seed": [], "batch": [], "arm": [], "step": [], "train_loss": [],
             **{k: [] for k in (*KEYS, "trace_h_se")},
@@ -145,7 +149,7 @@ class Flatness(Check):
         lam = effects[0].interval
         return self.result(
             settings={
-                "data": "digits (1438 train, 16 disjoint shards)",
+                "data": "digits (train split, 16 disjoint i.i.d. shards)",
                 "model": f"mlp(64, ({HIDDEN},), 10, tanh)",
                 "dtype": "float64",
                 "steps": steps,
