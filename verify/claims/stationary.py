@@ -36,7 +36,8 @@ ENGINE_TOL = 1e-10
 @dataclass
 class TimeAverage:
     """Time averages after burn-in: ``trace_xi`` (+ ``trace_xi_se``), ``trace_h_xi`` (diagonal quadratic
-    only), ``loss`` (+ ``loss_se``), ``xi`` (mean d x d matrix when asked), ``w_mean`` (mean w_a)."""
+    only), ``loss`` (+ ``loss_se``; the per-sample series in ``extra["loss_series"]``), ``xi`` (mean d x d
+    matrix when asked), ``w_mean`` (mean w_a)."""
 
     trace_xi: float
     trace_xi_se: float
@@ -209,6 +210,7 @@ def time_average(
         samples=n,
         wall_s=res.wall_s,
         final_W=res.state.W,
+        extra={"loss_series": losses} if losses else {},
         engine_log=engine_log_errors(res.metrics, res.state.W, config, h),
     )
 
