@@ -55,7 +55,7 @@ from verify.problems import ClosedFormProblem
 from .base import Check, CheckResult, Context
 from .evidence import Effect, z_interval
 from .registry import register
-from .stationary import batch_means_se, run_config, time_average
+from .stationary import ENGINE_TOL, batch_means_se, run_config, time_average
 
 TOPOLOGIES = ("complete", "exponential", "grid", "ring")
 #: the criterion's bounds (used by :func:`criterion` and the criterion text)
@@ -65,8 +65,9 @@ SHIFT_TOL = 0.1
 
 def criterion(runs: Sequence[Mapping[str, Any]]) -> bool:
     """The T9 criterion on the per-run rows (keys ``eta``, ``trace_xi``, ``half_trace_h_xi``, ``delta_loss``,
-    ``bias_norm``, ``bias_minus_predicted``): per eta both Spearman correlations > RHO_MIN; in every run
-    ``bias_minus_predicted < SHIFT_TOL bias_norm``."""
+    ``bias_norm``, ``bias_minus_predicted``, optional ``engine_log_error``): per eta both Spearman
+    correlations > RHO_MIN; in every run ``bias_minus_predicted < SHIFT_TOL bias_norm`` (and the engine's
+    logged Tr Xi and lr equal to the dense references)."""
     for eta in sorted({r["eta"] for r in runs}):
         rs = [r for r in runs if r["eta"] == eta]
         tr = [r["trace_xi"] for r in rs]
@@ -74,7 +75,10 @@ def criterion(runs: Sequence[Mapping[str, Any]]) -> bool:
             rho = stats.spearmanr(tr, [r[key] for r in rs])[0]
             if not rho > RHO_MIN:  # also False for nan
                 return False
-    return all(r["bias_minus_predicted"] < SHIFT_TOL * r["bias_norm"] for r in runs)
+    return all(
+        r["bias_minus_predicted"] < SHIFT_TOL * r["bias_norm"] and r.get("engine_log_error", 0.0) < ENGINE_TOL
+        for r in runs
+    )
 
 
 def local_minimum(fn, gradient, w0: np.ndarray) -> np.ndarray:
@@ -176,6 +180,7 @@ class Tradeoff(Check):
                 "bias_minus_isotropic": float(np.linalg.norm(b_D - p_iso)),
                 "xi_eigenvalue_ratio": float(np.ptp(np.linalg.eigvalsh(avg.xi)) / np.trace(avg.xi) * d),
                 "lambda_max_at_w_bar": lam,
+                "engine_log_error": max(avg.engine_log_error, base.engine_log_error),
             })  # fmt: skip
         control_rows = [{**r, "bias_minus_predicted": r["bias_minus_isotropic"]} for r in rows]
         rel = [r["bias_minus_predicted"] / r["bias_norm"] for r in rows]
