@@ -64,6 +64,8 @@ TOPOLOGIES = ("complete", "exponential", "grid", "ring")
 #: the criterion's bounds (used by :func:`criterion` and the criterion text)
 RHO_MIN = 0.8
 SHIFT_TOL = 0.1
+#: smallest claimed increase (keeps the claimed direction when the proportional value is not positive)
+TINY = float(np.finfo(float).tiny)
 
 
 def criterion(runs: Sequence[Mapping[str, Any]]) -> bool:
@@ -204,7 +206,8 @@ class Tradeoff(Check):
             effects.append(Effect(
                 f"Delta L(ring) - Delta L(complete) at eta={eta}",
                 z_interval(float(step.mean()), batch_means_se(step), method="batch means, paired"),
-                claimed=lo["delta_loss"] * (hi["trace_xi"] / lo["trace_xi"] - 1),
+                # an increase (sign +); |Delta L(complete)| keeps the direction if that run's Delta L is <= 0
+                claimed=max(abs(lo["delta_loss"]) * (hi["trace_xi"] / lo["trace_xi"] - 1), TINY),
                 source="paper.md s.3 P9 (L(w_a) - L* grows proportionally to Tr Xi)",
                 role="paper",
             ))  # fmt: skip
