@@ -70,12 +70,14 @@ def engine_log_errors(
     metrics: Sequence[dict[str, Any]], W: torch.Tensor, config: RunConfig, h: Sequence[float] | None = None
 ) -> dict[str, float]:
     """What the engine logged at its last row vs dense references from the final state ``W`` (m, d):
-    ``consensus_distance`` vs ``(1/m) sum_j ||w_j - mean W||^2``; ``trace_h_xi`` (when logged and
+    ``consensus_distance`` vs ``(1/m) sum_j ||w_j - mean W||^2`` (rows shifted by row 0 first: exact 0 for
+    equal rows); ``trace_h_xi`` (when logged and
     ``H = diag(h)``) vs ``sum_i h_i Xi_ii``; ``lr`` at every row vs ``config.lr`` (constant schedule only).
     Cost: O(m d)."""
     last = metrics[-1]
     Wd = W.detach().double().cpu()
-    D = Wd - Wd.mean(0)
+    V = Wd - Wd[:1]  # shifted by one row first, so that equal rows (C-SGD) give exactly 0, as they should
+    D = V - V.mean(0)
     diag = (D * D).sum(0) / Wd.shape[0]
     out = {"consensus_distance": relative_difference(float(last["consensus_distance"]), float(diag.sum()))}
     if h is not None and last.get("trace_h_xi") is not None:
