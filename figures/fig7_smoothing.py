@@ -56,13 +56,18 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
     h = diff["h"]
     lines = {
         "raw": ("raw loss L (no smoothing)", style.CONTROL_COLOR, "s", "-"),
-        "xi_orthogonal": (r"$\Xi$ of rank 15, range $\perp u$", style.CONTROL_COLOR, "x", "--"),
+        "xi_orthogonal": (
+            r"$\Xi$ of rank 15, range $\perp u$ but $10^{-12}$ along $u$",
+            style.CONTROL_COLOR,
+            "x",
+            "--",
+        ),
         "smoothed": (r"smoothed, $\Xi = \sigma^2 I$, $\sigma = 10^{-2}$", SMOOTH, "o", "-"),
         "xi_along_u": (r"smoothed, rank-1 $\Xi$ along $u$", SMOOTH, "D", "--"),
     }
     plain = {
         "raw": "raw loss L",
-        "xi_orthogonal": "Xi of rank 15 with range orthogonal to u",
+        "xi_orthogonal": "Xi of rank 15, orthogonal to u but for a 1e-12 component along it",
         "smoothed": "smoothed, Xi = sigma^2 I, sigma = 0.01",
         "xi_along_u": "smoothed, rank-1 Xi along u",
     }

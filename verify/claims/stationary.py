@@ -6,6 +6,9 @@ over every step after ``burn_in``, the consensus distance ``Tr Xi = (1/m) sum_j 
 diagonal quadratic ``L = 1/2 sum_i h_i w_i^2``, ``Tr(H Xi) = sum_i h_i (1/m) sum_j D_ji^2``; optionally
 also the loss of the iterate (C-SGD's excess loss) and the matrix ``Xi = D^T D / m`` (small d only). The
 standard error is the batch-means estimate (20 contiguous blocks), which accounts for autocorrelation.
+What users read is checked too: :func:`engine_log_errors` compares the engine's own logged row at the last
+step (``consensus_distance``, ``trace_h_xi`` when logged, ``lr``) with dense references computed here from
+the final state (``TimeAverage.engine_log``); the checks assert it below ``ENGINE_TOL``.
 Cost: the run (m gradients and one gossip product per step) plus O(m d) per step.
 """
 
@@ -26,12 +29,15 @@ from verify.problems import ClosedFormProblem, Problem
 
 #: Blocks of the batch-means standard error.
 BLOCKS = 20
+#: Largest relative difference allowed between an engine-logged value and its dense reference (rounding).
+ENGINE_TOL = 1e-10
 
 
 @dataclass
 class TimeAverage:
     """Time averages after burn-in: ``trace_xi`` (+ ``trace_xi_se``), ``trace_h_xi`` (diagonal quadratic
-    only), ``loss`` (+ ``loss_se``), ``xi`` (mean d x d matrix when asked), ``w_mean`` (mean w_a)."""
+    only), ``loss`` (+ ``loss_se``; the per-sample series in ``extra["loss_series"]``), ``xi`` (mean d x d
+    matrix when asked), ``w_mean`` (mean w_a)."""
 
     trace_xi: float
     trace_xi_se: float
@@ -44,6 +50,42 @@ class TimeAverage:
     wall_s: float
     final_W: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+    #: relative difference of each engine-logged value (last row) from its dense reference
+    engine_log: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def engine_log_error(self) -> float:
+        """The largest of :attr:`engine_log` (0 when nothing was compared)."""
+        return max(self.engine_log.values(), default=0.0)
+
+
+def relative_difference(a: float, b: float) -> float:
+    """``|a - b| / |b|`` (0 when both are 0; inf when only b is)."""
+    if a == b:
+        return 0.0
+    return abs(a - b) / abs(b) if b != 0 else math.inf
+
+
+def engine_log_errors(
+    metrics: Sequence[dict[str, Any]], W: torch.Tensor, config: RunConfig, h: Sequence[float] | None = None
+) -> dict[str, float]:
+    """What the engine logged at its last row vs dense references from the final state ``W`` (m, d):
+    ``consensus_distance`` vs ``(1/m) sum_j ||w_j - mean W||^2`` (rows shifted by row 0 first: exact 0 for
+    equal rows); ``trace_h_xi`` (when logged and
+    ``H = diag(h)``) vs ``sum_i h_i Xi_ii``; ``lr`` at every row vs ``config.lr`` (constant schedule only).
+    Cost: O(m d)."""
+    last = metrics[-1]
+    Wd = W.detach().double().cpu()
+    V = Wd - Wd[:1]  # shifted by one row first, so that equal rows (C-SGD) give exactly 0, as they should
+    D = V - V.mean(0)
+    diag = (D * D).sum(0) / Wd.shape[0]
+    out = {"consensus_distance": relative_difference(float(last["consensus_distance"]), float(diag.sum()))}
+    if h is not None and last.get("trace_h_xi") is not None:
+        ref = float((torch.as_tensor(list(h), dtype=torch.float64) * diag).sum())
+        out["trace_h_xi"] = relative_difference(float(last["trace_h_xi"]), ref)
+    if not config.warmup and not config.milestones:
+        out["lr"] = max(relative_difference(float(r["lr"]), float(config.lr)) for r in metrics)
+    return out
 
 
 @contextlib.contextmanager
@@ -170,6 +212,8 @@ def time_average(
         samples=n,
         wall_s=res.wall_s,
         final_W=res.state.W,
+        extra={"loss_series": losses} if losses else {},
+        engine_log=engine_log_errors(res.metrics, res.state.W, config, h),
     )
 
 
@@ -184,7 +228,8 @@ def run_config(
     seed: int = 0,
     **extra: Any,
 ) -> RunConfig:
-    """A float64 CPU :class:`RunConfig` that logs only at the start and the end (no ensemble metrics)."""
+    """A float64 CPU :class:`RunConfig` that logs only at the start and the end (no ensemble metrics);
+    ``hess_every=steps`` in ``extra`` makes the engine log ``trace_h_xi`` there too."""
     return RunConfig(
         algo=algo, topology=topology, workers=m, local_batch=b, lr=lr, steps=steps, seed=seed,
         log_every=steps, ensemble=False, dtype="float64", device="cpu", **extra,

@@ -6,7 +6,8 @@ Measured: ``err = max |(1/m) 1^T (P W - eta G) - (w_bar - eta g_bar)|`` over ran
 the official ring / grid / exponential / complete matrices (:mod:`verify.topology`), through every gossip
 implementation the engine can use (:func:`verify.topology.mixer`: dense, sparse, and roll where P is
 circulant). Negative control: a row-stochastic but not column-stochastic P breaks the identity (error of the
-order of the column-sum defect) and :func:`verify.topology.validate` refuses it with a one-line error.
+order of the column-sum defect), so the same :func:`criterion` rejects it, and
+:func:`verify.topology.validate` refuses it with a one-line error.
 Cost: O(m^2 d) per draw.
 """
 
@@ -18,6 +19,14 @@ from .base import Check, CheckResult, Context, fmt
 from .registry import register
 
 TOPOLOGIES = ("ring", "grid", "exponential", "complete")
+#: the criterion's bound on the averaging error (rounding) and the control's least expected error
+ERROR_TOL = 1e-12
+CONTROL_ERROR_MIN = 1e-3
+
+
+def criterion(max_error: float) -> bool:
+    """``max_error < ERROR_TOL``: the averaged update is exact to rounding."""
+    return max_error < ERROR_TOL
 
 
 def average_error(mix: object, P: torch.Tensor, W: torch.Tensor, G: torch.Tensor, eta: float) -> float:
@@ -38,8 +47,13 @@ class ExactAveraging(Check):
     status = "proven"
     evidence = "identity"
     prediction = "error at machine precision for every doubly stochastic P"
-    criterion = "max error < 1e-12 over ring, grid, exponential, complete and every gossip implementation"
-    control = "row-stochastic, non-column-stochastic P: error > 1e-3 and verify.topology.validate refuses P"
+    criterion = (
+        f"max error < {ERROR_TOL:g} over ring, grid, exponential, complete and every gossip implementation"
+    )
+    control = (
+        "row-stochastic, non-column-stochastic P: the same criterion rejects it (error > "
+        f"{CONTROL_ERROR_MIN:g}) and verify.topology.validate refuses P"
+    )
 
     def run(self, ctx: Context) -> CheckResult:
         from verify.mixers import circulant_coefficients
@@ -66,7 +80,6 @@ class ExactAveraging(Check):
                         rows[key].append(val)
             per_topology[name] = worst
         max_err = max(per_topology.values())
-        holds = max_err < 1e-12
 
         # Negative control: rows sum to 1, columns do not.
         R = torch.rand(m, m, generator=gen, dtype=torch.float64) ** 3
@@ -80,11 +93,13 @@ class ExactAveraging(Check):
             refused, message = False, ""
         except TopologyError as exc:
             refused, message = True, str(exc)
-        other_way = ctrl_err > 1e-3 and refused and "\n" not in message
+        other_way = (
+            not criterion(ctrl_err) and ctrl_err > CONTROL_ERROR_MIN and refused and "\n" not in message
+        )
         return self.result(
             settings={"m": m, "d": d, "draws_per_method": draws, "eta": "U[0.001, 1.001]"},
             measured={"max_error": max_err, **{f"error_{k}": v for k, v in per_topology.items()}},
-            criterion_holds=holds,
+            criterion_holds=criterion(max_err),
             control_measured={
                 "error": ctrl_err,
                 "column_sum_defect": col_defect,

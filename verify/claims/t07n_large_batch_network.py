@@ -10,20 +10,46 @@ Lyapunov values (``~ kappa^2 m S_P Tr(Sigma) B`` for small ``eta h``): both grow
 1 by curvature (more for ``Tr(H Xi)``, which weighs the stiff, more damped directions); the measured slopes
 must be positive and within 0.2 of the predicted ones.
 
-Negative control: the same windows at a fixed eta = 0.05 (no LSR): ``Tr Xi ~ 1/b``, slope about -1, so "grows
-with B" fails. Reported beside it: the paper's sharded sampling under LSR (its b-independent shard term scales
-like eta^2 ~ B^2, so Tr Xi grows even faster). Cost: one engine window per point, m HVPs per snapshot.
+Calibrations (named in the criterion, as in T6n): the prediction's noise is rescaled by each window's
+measured ``Tr Sigma`` (the un-rescaled error is reported), and the sampler is i.i.d. (the paper's shards are a
+separate, reported measurement in the full form).
+Criterion (:func:`criterion`): both slopes > 0 and within ``SLOPE_TOL`` of the predicted ones; every LSR run
+within ``REL_TOL`` of the rescaled prediction; the engine's logged Tr Xi and lr = dense references.
+Negative control, fed to the same criterion in place of the LSR runs: the same windows at a fixed eta = 0.05
+(no LSR): ``Tr Xi ~ 1/b``, slope about -1, so "grows with B" fails (an engine that ignored the configured
+rate would pass it). Reported beside it in the full form: the paper's sharded sampling under LSR (its
+b-independent shard term scales like eta^2 ~ B^2, so Tr Xi grows even faster). Cost: one engine window per
+point, m HVPs per snapshot.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from .base import Check, CheckResult, Context
 from .fitting import loglog_fit
 from .network import digits_setup, network_run, predict
 from .registry import register
-from .t06n_consensus_network import HIDDEN, PRETRAIN, window
+from .stationary import ENGINE_TOL
+from .t06n_consensus_network import CALIBRATIONS, HIDDEN, PRETRAIN, REL_TOL, window
 
 KAPPA = 0.05 / 8
+#: largest allowed |measured slope - predicted slope|
+SLOPE_TOL = 0.2
+
+
+def criterion(measured: Mapping[str, Any]) -> bool:
+    """The T7n criterion on a ``measured`` dict (keys as in the check's ``measured``)."""
+    s_xi, s_hxi = measured["trace_xi_slope"], measured["half_trace_h_xi_slope"]
+    return (
+        s_xi > 0
+        and s_hxi > 0
+        and abs(s_xi - measured["trace_xi_slope_predicted"]) <= SLOPE_TOL
+        and abs(s_hxi - measured["half_trace_h_xi_slope_predicted"]) <= SLOPE_TOL
+        and measured["max_relative_error_vs_lyapunov"] <= REL_TOL
+        and measured["engine_log_max_relative_error"] < ENGINE_TOL
+    )
 
 
 @register
@@ -36,9 +62,14 @@ class LargeBatchNetwork(Check):
     status = "derived"
     evidence = "derived law"
     prediction = "Tr Xi, 1/2 Tr(H Xi) ~ B^+1 (bent by curvature); fixed eta: ~ B^-1"
-    criterion = "Tr Xi and 1/2 Tr(H Xi) slopes vs B > 0 and within 0.2 of the linearised prediction; Tr Xi "
-    criterion += "within 15% of the linearised Lyapunov value at every B"
-    control = "fixed eta = 0.05 (no LSR): Tr Xi slope vs B about -1, not > 0"
+    criterion = (
+        f"{CALIBRATIONS}. Tr Xi and 1/2 Tr(H Xi) slopes vs B > 0 and within {SLOPE_TOL} of the linearised "
+        f"prediction; Tr Xi within {100 * REL_TOL:g}% of the linearised Lyapunov value at every B; "
+        f"engine-logged Tr Xi = dense reference to {ENGINE_TOL:g}"
+    )
+    control = (
+        "fixed eta = 0.05 (no LSR) in place of LSR: Tr Xi slope vs B about -1; the same criterion must reject"
+    )
 
     single_threaded = True
 
@@ -57,8 +88,11 @@ class LargeBatchNetwork(Check):
         for fam, eta, b, sampling in plan:
             r = network_run(ctx.seed, HIDDEN, PRETRAIN, eta, b, sampling, steps, burn, repeats=reps)
             pred = predict(setup, eta, b, r.trace_sigma_window)
+            unscaled = predict(setup, eta, b)
             rows.append({
                 "family": fam, "b": b, "B": 16 * b, "eta": eta, "sampling": sampling,
+                "trace_xi_predicted_w0_noise": unscaled.trace_xi, "engine_log_error": r.engine_log_error,
+                "half_trace_h_xi_predicted_w0_noise": 0.5 * unscaled.trace_h_xi,
                 "trace_xi": r.trace_xi, "trace_xi_se": r.trace_xi_se, "trace_xi_predicted": pred.trace_xi,
                 "half_trace_h_xi": r.half_trace_h_xi, "half_trace_h_xi_predicted": 0.5 * pred.trace_h_xi,
                 "ratio": r.trace_xi / pred.trace_xi, "trace_sigma_window": r.trace_sigma_window,
@@ -75,19 +109,23 @@ class LargeBatchNetwork(Check):
         worst = max(abs(r["ratio"] - 1) for r in lsr)
         s_xi, s_hxi = fit("lsr", "trace_xi"), fit("lsr", "half_trace_h_xi")
         p_xi, p_hxi = fit("lsr", "trace_xi_predicted"), fit("lsr", "half_trace_h_xi_predicted")
-        holds = (
-            s_xi > 0 and s_hxi > 0 and abs(s_xi - p_xi) <= 0.2 and abs(s_hxi - p_hxi) <= 0.2 and worst <= 0.15
-        )
-        s_fixed = fit("control_fixed_eta", "trace_xi")
-        p_fixed = fit("control_fixed_eta", "trace_xi_predicted")
         measured = {
             "trace_xi_slope": s_xi, "trace_xi_slope_predicted": p_xi,
             "half_trace_h_xi_slope": s_hxi, "half_trace_h_xi_slope_predicted": p_hxi,
             "max_relative_error_vs_lyapunov": worst,
+            "max_relative_error_vs_lyapunov_unrescaled": max(
+                abs(r["trace_xi"] / r["trace_xi_predicted_w0_noise"] - 1) for r in lsr
+            ),
+            "trace_xi_slope_predicted_unrescaled": fit("lsr", "trace_xi_predicted_w0_noise"),
+            "engine_log_max_relative_error": max(r["engine_log_error"] for r in rows),
             "half_trace_h_xi_by_B": {str(r["B"]): r["half_trace_h_xi"] for r in lsr},
         }  # fmt: skip
         if not ctx.quick:
-            measured["shards_lsr_trace_xi_slope"] = fit("lsr_shards", "trace_xi")
+            measured["shards_lsr_trace_xi_slope_reported"] = fit("lsr_shards", "trace_xi")
+        s_fixed = fit("control_fixed_eta", "trace_xi")
+        p_fixed = fit("control_fixed_eta", "trace_xi_predicted")
+        control = {**measured, "trace_xi_slope": s_fixed,
+                   "half_trace_h_xi_slope": fit("control_fixed_eta", "half_trace_h_xi")}  # fmt: skip
         return self.result(
             settings={
                 "model": f"mlp(64, ({HIDDEN},), 10, tanh)",
@@ -101,19 +139,23 @@ class LargeBatchNetwork(Check):
                 "bs": bs,
                 "kappa": KAPPA,
                 "sampling": "i.i.d. with replacement from the whole training set",
+                "calibrations": CALIBRATIONS,
             },  # fmt: skip
             measured=measured,
-            criterion_holds=holds,
+            criterion_holds=criterion(measured),
             control_measured={
                 "fixed_eta_trace_xi_slope": s_fixed,
+                "fixed_eta_half_trace_h_xi_slope": control["half_trace_h_xi_slope"],
                 "fixed_eta_trace_xi_slope_predicted": p_fixed,
+                "accepted_by_criterion": criterion(control),
             },
-            control_came_out_other_way=not s_fixed > 0,
+            control_came_out_other_way=not criterion(control),
             series={"runs": {k: [r[k] for r in rows] for k in rows[0]}},
             summary=(
                 f"Tr Xi slope {s_xi:.2f} (pred {p_xi:.2f}), 1/2 Tr(H Xi) slope {s_hxi:.2f} "
                 f"(pred {p_hxi:.2f}); "
-                f"Lyapunov within {100 * worst:.0f}%"
+                f"rescaled Lyapunov within {100 * worst:.0f}% (un-rescaled "
+                f"{100 * measured['max_relative_error_vs_lyapunov_unrescaled']:.0f}%)"
             ),
             control_summary=f"fixed eta: Tr Xi slope {s_fixed:.2f}",
         )
