@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class Protocol:
     flat_from: float = 0.4  # measure flatness from this fraction of the steps on ...
     flat_every: int = 100  # ... every this many steps (and at the end)
     lanczos_tol: float = 1e-3
+    lanczos_iters: int | None = None  # Lanczos step cap (None: the sharpness default)
     trace_probes: int = 20
     dtype: str = "float32"
     device: str = "cpu"
@@ -107,7 +108,7 @@ class Protocol:
             milestones=self.milestones,
             total_batch={w: self.workers * self.batch(w)[0] for w in BATCHES},
             flat_steps=self.flat_steps(),
-            topology="ring (AWC), m = %d" % self.workers,
+            topology=f"ring (AWC), m = {self.workers}",
         )
         return d
 
@@ -124,10 +125,12 @@ PROTOCOLS: dict[str, Protocol] = {
         small=(64, 0.1), large=(512, 0.8), steps=300, warmup=15, log_every=20, eval_samples=10000,
         flat_samples=2048, flat_from=0.5, flat_every=40, lanczos_tol=1e-2,
         why=(
-            "the paper's design scaled to what 2 CPU cores run in about an hour: m = 16, total batch 1024 / "
-            "8192 (1.7 % / 13.7 % of 60k, paper 2 % / 16 %), lr 0.1 / 0.8 (the paper's LSR pair), decays at "
-            "40 % / 80 %, warm-up 5 % of the iterations; a 784-256-256-10 GELU MLP (smooth, so the Hessian is "
-            "well defined; a small BN CNN step costs ~15x more here)"
+            "the paper's design at a size 2 CPU cores run in about an hour: m = 16, total batch 1024 / 8192 "
+            "(1.7 % / 13.7 % of 60k; paper 2 % / 16 %), lr 0.1 / 0.8 (the paper's LSR pair), decays at "
+            "40 % / 80 %, warm-up 5 % of the iterations, 300 iterations at both batches (5 / 41 epochs); a "
+            "784-256-256-10 GELU MLP (smooth, so the Hessian is well defined; 0.57 CPU-s per step of all "
+            "four "
+            "arms at batch 8192, where a small BN CNN step at 8192 took ~7 s)"
         ),
     ),
     "paper": Protocol(
@@ -152,14 +155,16 @@ def protocol_for(scale: str, data: str | None = None, **overrides: Any) -> Proto
 
 
 # ------------------------------------------------------------------------------------------ flatness
-def flatness(fl: Any, seed: int, tol: float = 1e-3, probes: int = 20) -> dict[str, float]:
+def flatness(
+    fl: Any, seed: int, tol: float = 1e-3, probes: int = 20, max_iter: int | None = None
+) -> dict[str, float]:
     """``lambda_max`` (Lanczos, error bar: the residual ``||H v - lambda v||``, which bounds the distance to
     an eigenvalue) and ``Tr H`` (Hutchinson, error bar: its standard error) of the loss ``fl``
     (a :class:`sharpness.functional.FunctionalLoss`). Cost: ``n_iter + 1`` HVPs plus ``probes`` HVPs."""
     from sharpness.lanczos import top_eigenvalues
     from sharpness.trace import hessian_trace
 
-    eig = top_eigenvalues(fl, k=1, tol=tol, seed=seed)
+    eig = top_eigenvalues(fl, k=1, tol=tol, seed=seed, max_iter=max_iter)
     tr = hessian_trace(fl, n_probes=probes, seed=seed)
     return {
         "lambda_max": float(eig.values[0]),
@@ -192,15 +197,13 @@ def at_matched_loss(
     for arm, c in curves.items():
         ls = np.asarray(c[loss], dtype=float)
         i = int(np.flatnonzero(np.isfinite(ls) & (ls <= level))[0])
-        if i == 0 or ls[i] == level:
-            frac = 0.0
-        else:
-            frac = float((ls[i - 1] - level) / (ls[i - 1] - ls[i]))  # in (0, 1]
+        # ls[i - 1] > level >= ls[i]: the fraction of the way from point i - 1 to point i, in (0, 1]
+        frac = float((ls[i - 1] - level) / (ls[i - 1] - ls[i])) if i > 0 else 1.0
         values[arm] = {}
         for k in keys:
             v = np.asarray(c[k], dtype=float)
             values[arm][k] = float(v[i]) if i == 0 else float((1 - frac) * v[i - 1] + frac * v[i])
-        where[arm] = i - 1 + frac if i > 0 else 0.0
+        where[arm] = i - 1 + frac
     return {"level": float(level), "values": values, "step_index": where}
 
 
@@ -234,7 +237,7 @@ def run_one(
         if step not in flat_at:
             return None
         fl = problem.functional(w, bufs, samples=protocol.flat_samples)
-        return flatness(fl, seed, protocol.lanczos_tol, protocol.trace_probes)
+        return flatness(fl, seed, protocol.lanczos_tol, protocol.trace_probes, protocol.lanczos_iters)
 
     t0 = time.perf_counter()
     res = run_lockstep(
@@ -274,6 +277,36 @@ def effect(name: str, values: Sequence[float], claimed: float, source: str, role
     return Effect(name, iv, claimed, source, role=role)
 
 
+def summary(name: str, values: Sequence[float]) -> dict[str, Any]:
+    """A reported difference (no claimed value): mean, 95 % t interval over seeds, MDE, and its sign
+    (``"> 0"`` / ``"< 0"`` when the interval excludes 0, else ``"contains 0"``); ``values`` per seed."""
+    from .evidence import MDE_FACTOR
+
+    vals = [v for v in values if math.isfinite(v)]
+    out: dict[str, Any] = {"name": name, "values": list(values), "n": len(vals)}
+    if len(vals) < 2:
+        return {**out, "estimate": vals[0] if vals else math.nan, "low": math.nan, "high": math.nan,
+                "mde": math.nan, "sign": "undecided (< 2 seeds)"}  # fmt: skip
+    iv = t_interval(vals)
+    sign = "> 0" if iv.low > 0 else "< 0" if iv.high < 0 else "contains 0"
+    return {
+        **out,
+        "estimate": iv.estimate,
+        "low": iv.low,
+        "high": iv.high,
+        "mde": MDE_FACTOR * iv.se,
+        "sign": sign,
+    }
+
+
+def summary_text(d: Mapping[str, Any]) -> str:
+    """``name est [low, high] (95% t, n seeds; MDE m): sign``."""
+    return (
+        f"{d['name']} {d['estimate']:.3g} [{d['low']:.3g}, {d['high']:.3g}] (95% t over {d['n']}; "
+        f"MDE {d['mde']:.3g}): {d['sign']}"
+    )
+
+
 FLAT_KEYS = ("train_loss", "lambda_max", "lambda_max_err", "trace_h", "trace_h_err")
 
 
@@ -304,54 +337,50 @@ def analyse(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return [f(r) for r in per_seed]
 
     src = CLAIM_SOURCE
+    drop = col(lambda r: r["acc_csgd_small"] - r["acc_csgd_large"])
     pre = effect(
-        "C-SGD test accuracy drop small -> large batch, pp",
-        col(lambda r: r["acc_csgd_small"] - r["acc_csgd_large"]), CLAIMED_C_DROP, src, "precondition",
-    )  # fmt: skip
-    dc = {
-        b: effect(f"D-C test accuracy at the {b} batch, pp", col(lambda r, b=b: r[f"acc_dsgd_{b}"] - r[f"acc_csgd_{b}"]),
-                  CLAIMED_DC[b], src)
-        for b in BATCHES
-    }  # fmt: skip
+        "C-SGD test accuracy drop small -> large batch, pp", drop, CLAIMED_C_DROP, src, "precondition"
+    )
+    dc = {}
+    for b in BATCHES:
+        vals = col(lambda r, b=b: r[f"acc_dsgd_{b}"] - r[f"acc_csgd_{b}"])
+        dc[b] = effect(f"D-C test accuracy at the {b} batch, pp", vals, CLAIMED_DC[b], src)
 
     def interaction(arm: str) -> list[float]:
-        return col(
-            lambda r: (
-                (r[f"acc_{arm}_large"] - r["acc_csgd_large"]) - (r[f"acc_{arm}_small"] - r["acc_csgd_small"])
+        def one(r: dict) -> float:
+            return (r[f"acc_{arm}_large"] - r["acc_csgd_large"]) - (
+                r[f"acc_{arm}_small"] - r["acc_csgd_small"]
             )
-        )
+
+        return col(one)
 
     inter = effect("interaction (D-C)_large - (D-C)_small, pp", interaction("dsgd"), CLAIMED_INTERACTION, src)
-    ctrl = effect(
-        "control: interaction with isotropic noise of equal Tr Xi in place of D-SGD, pp",
-        interaction("avgsam-iso"), CLAIMED_INTERACTION, src,
-    )  # fmt: skip
-    mech: dict[str, Effect] = {}
+    ctrl_name = "control: interaction with isotropic noise of equal Tr Xi in place of D-SGD, pp"
+    ctrl = effect(ctrl_name, interaction("avgsam-iso"), CLAIMED_INTERACTION, src)
+
+    def matched(r: dict, k: str, arm: str, b: str) -> float:
+        return float(r.get(f"{k}_{arm}_{b}_matched", math.nan))
+
+    mech: dict[str, dict] = {}
     for arm, label in (("avgsam-xi", "avg-SAM(Xi)"), ("avgsam-iso", "isotropic")):
-        mech[f"acc_{arm}"] = effect(
-            f"{label} - D test accuracy at the large batch, pp",
-            col(lambda r, a=arm: r[f"acc_{a}_large"] - r["acc_dsgd_large"]), 1.0, "difference to D-SGD",
-        )  # fmt: skip
+        vals = col(lambda r, a=arm: r[f"acc_{a}_large"] - r["acc_dsgd_large"])
+        mech[f"acc_{arm}"] = summary(f"{label} - D test accuracy, large batch, pp", vals)
         for k in ("lambda_max", "trace_h"):
-            mech[f"{k}_{arm}"] = effect(
-                f"{label} - D {k} at matched train loss, large batch",
-                col(lambda r, a=arm, k=k: r.get(f"{k}_{a}_large_matched", math.nan) - r[f"{k}_dsgd_large_matched"]),
-                1.0, "difference to D-SGD",
-            )  # fmt: skip
-    flat: dict[str, Effect] = {}
+            vals = col(lambda r, a=arm, k=k: matched(r, k, a, "large") - matched(r, k, "dsgd", "large"))
+            mech[f"{k}_{arm}"] = summary(f"{label} - D {k} at matched train loss, large batch", vals)
+    flat: dict[str, dict] = {}
     for k in ("lambda_max", "trace_h"):
         for b in BATCHES:
-            flat[f"{k}_{b}"] = effect(
-                f"D-C {k} at matched train loss, {b} batch",
-                col(lambda r, k=k, b=b: r[f"{k}_dsgd_{b}_matched"] - r[f"{k}_csgd_{b}_matched"]),
-                -1.0, "paper.md s.4.2 Fig. 3 (D-SGD flatter; sign only)",
-            )  # fmt: skip
-        flat[f"{k}_ratio_change"] = effect(
-            f"D/C {k} ratio at matched loss, large minus small batch",
-            col(lambda r, k=k: r[f"{k}_dsgd_large_matched"] / r[f"{k}_csgd_large_matched"]
-                - r[f"{k}_dsgd_small_matched"] / r[f"{k}_csgd_small_matched"]),
-            -1.0, "paper.md s.4.2 Fig. 3 (the gap grows with B; sign only)",
-        )  # fmt: skip
+            vals = col(lambda r, k=k, b=b: matched(r, k, "dsgd", b) - matched(r, k, "csgd", b))
+            flat[f"{k}_{b}"] = summary(f"D-C {k} at matched train loss, {b} batch", vals)
+
+        def change(r: dict, k: str = k) -> float:
+            ratio = {b: matched(r, k, "dsgd", b) / matched(r, k, "csgd", b) for b in BATCHES}
+            return ratio["large"] - ratio["small"]
+
+        flat[f"{k}_ratio_change"] = summary(
+            f"D/C {k} ratio at matched loss, large minus small batch", col(change)
+        )
     return {
         "seeds": seeds,
         "per_seed": per_seed,
@@ -430,25 +459,19 @@ def write_outputs(
             seeds_complete=a["seeds"],
             per_seed=a["per_seed"],
         )
-        eff = {
-            "precondition": a["precondition"],
-            "interaction": a["interaction"],
-            "control": a["control"],
-            **{f"dc_{b}": e for b, e in a["dc"].items()},
-            **{f"mechanism_{k}": e for k, e in a["mechanism"].items()},
-            **{f"flatness_{k}": e for k, e in a["flatness"].items()},
-        }
+        eff = {"precondition": a["precondition"], "interaction": a["interaction"], "control": a["control"],
+               **{f"dc_{b}": e for b, e in a["dc"].items()}}  # fmt: skip
+        reported = {**{f"mechanism_{k}": d for k, d in a["mechanism"].items()},
+                    **{f"flatness_{k}": d for k, d in a["flatness"].items()}}  # fmt: skip
         rep["effects"] = {k: e.to_dict() for k, e in eff.items()}
+        rep["reported"] = reported
         lines += [f"## Verdict: {v} ({len(a['seeds'])} paired seeds: {a['seeds']})", ""]
         lines += [f"- {n}" for n in notes]
-        lines += [
-            "",
-            f"- control rejected (not supported): {ctrl_other}",
-            "",
-            "## Effects (95 % t intervals over seeds)",
-            "",
-        ]
+        lines += ["", f"- control rejected (not supported): {ctrl_other}", ""]
+        lines += ["## Effects (95 % t intervals over seeds)", ""]
         lines += [f"- **{k}**: {e.text()}" for k, e in eff.items()]
+        lines += ["", "## Mechanism (large batch) and flatness at matched train loss (reported)", ""]
+        lines += [f"- **{k}**: {summary_text(d)}" for k, d in reported.items()]
         lines += ["", "## Per seed", ""]
         keys = [
             k
@@ -502,9 +525,10 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
 
 
 def estimate_cost(protocol: Protocol, seed: int = 0, probe_steps: int = 2) -> dict[str, float]:
-    """Seconds per seed and in all, from timed work at each batch: ``probe_steps`` lockstep steps (all arms,
-    after one untimed step), one logged row (evaluation of every arm) and one flatness measurement; printed
-    before a run starts. Cost: ``2 + probe_steps`` steps and one flatness measurement per batch."""
+    """Seconds per seed and in all, from timed work at each batch (wall clock): a lockstep step of all arms
+    (the difference between runs of ``1 + probe_steps`` and 1 steps, after one untimed run), a logged row
+    (evaluation of every arm) and one flatness measurement; printed before a run starts. Cost:
+    ``3 + probe_steps`` steps, 6 evaluations of each arm and one flatness measurement per batch."""
     from sharpness.functional import resolve_device
     from verify.config import DTYPES, build_problem
 
@@ -514,6 +538,7 @@ def estimate_cost(protocol: Protocol, seed: int = 0, probe_steps: int = 2) -> di
     for b in BATCHES:
         cfg = protocol.run_config(seed, b)
         problem = build_problem(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
+        run_one(protocol, seed, b, steps=1, problem=problem, flat=False)  # untimed: execution choice, caches
         t0 = time.perf_counter()
         run_one(protocol, seed, b, steps=1, problem=problem, flat=False)
         one = time.perf_counter() - t0
@@ -523,12 +548,8 @@ def estimate_cost(protocol: Protocol, seed: int = 0, probe_steps: int = 2) -> di
         per_row = max(0.0, one - per_step) / 2
         w = problem.init_stacked()[0].mean(0)
         t0 = time.perf_counter()
-        flatness(
-            problem.functional(w, None, samples=protocol.flat_samples),
-            seed,
-            protocol.lanczos_tol,
-            protocol.trace_probes,
-        )
+        fl = problem.functional(w, None, samples=protocol.flat_samples)
+        flatness(fl, seed, protocol.lanczos_tol, protocol.trace_probes, protocol.lanczos_iters)
         per_flat = time.perf_counter() - t0
         out.update({f"step_s_{b}": per_step, f"row_s_{b}": per_row, f"flatness_s_{b}": per_flat})
         out[f"seed_s_{b}"] = protocol.steps * per_step + n_rows * per_row + n_flat * per_flat
