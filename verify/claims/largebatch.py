@@ -567,13 +567,14 @@ def run_protocol(
     resume: bool = True,
     log: Callable[[str], None] = lambda s: None,
     seeds: Sequence[int] | None = None,
+    batches: Sequence[str] = BATCHES,
 ) -> list[dict[str, Any]]:
     """Every seed, small batch then large; after each run, the run is saved (``out/runs``) and the report
     rewritten, so a cut-short run still leaves its data. ``resume``: skip runs already saved."""
     runs = load_runs(out) if (out is not None and resume) else []
     done = {(r["seed"], r["batch"]) for r in runs}
     for seed in range(protocol.seeds) if seeds is None else seeds:
-        for b in BATCHES:
+        for b in batches:
             if (seed, b) in done:
                 continue
             t0 = time.perf_counter()
@@ -599,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seeds", default=None, help="comma-separated seeds to run in this process (default all)"
     )
     ap.add_argument("--no-estimate", action="store_true", help="skip the timed cost estimate")
+    ap.add_argument("--batches", default="small,large", help="which batches this process runs (default both)")
     args = ap.parse_args(argv)
     try:
         protocol = protocol_for(args.scale, args.data)
