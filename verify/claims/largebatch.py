@@ -619,9 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.estimate_only:
         return 0
     t0 = time.perf_counter()
-    run_protocol(
-        protocol, args.out, resume=not args.no_resume, log=lambda s: print(s, flush=True), seeds=seeds
-    )
+    batches = [b.strip() for b in args.batches.split(",")]
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    run_protocol(protocol, args.out, resume=not args.no_resume, log=log, seeds=seeds, batches=batches)
     rep = write_outputs(
         args.out, protocol, load_runs(args.out), {"estimate": est, "wall_s": time.perf_counter() - t0}
     )
