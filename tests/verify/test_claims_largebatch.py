@@ -121,6 +121,9 @@ def test_at_matched_loss_interpolates_at_the_highest_final_loss():
     # a crosses 0.4 between 0.5 (lam 2) and 0.2 (lam 4): one third of the way
     assert m["values"]["a"]["lam"] == pytest.approx(2.0 + 2.0 / 3.0)
     assert m["step_index"]["a"] == pytest.approx(1 + 1 / 3)
+    assert m["below_at_first"] == []
+    early = lb.at_matched_loss({**curves, "a": {"train_loss": [0.3, 0.2], "lam": [1.0, 2.0]}}, ["lam"])
+    assert early["below_at_first"] == ["a"] and early["values"]["a"]["lam"] == 1.0
     with pytest.raises(ValueError, match="no finite"):
         lb.at_matched_loss({"a": {"train_loss": [math.nan], "lam": [1.0]}}, ["lam"])
 

@@ -184,7 +184,9 @@ def at_matched_loss(
     ``curves[arm] = {loss: [...], key: [...]}`` at the measured points, in step order. The level is the
     highest final loss among the arms (every arm reached it); each arm's ``key`` values are read at the
     first point where its loss is <= the level, linearly interpolated in the loss between that point and
-    the one before. Returns ``{"level": L, "values": {arm: {key: value}}, "step_index": {arm: float}}``.
+    the one before. Returns ``{"level": L, "values": {arm: {key: value}}, "step_index": {arm: float},
+    "below_at_first": [arms]}``; an arm already below the level at its first point is read there (not
+    matched: its loss is lower than the level) and listed in ``below_at_first``.
     Cost: nothing (reads the curves).
     """
     finals = {}
@@ -196,6 +198,7 @@ def at_matched_loss(
     level = max(finals.values())
     values: dict[str, dict[str, float]] = {}
     where: dict[str, float] = {}
+    short: list[str] = []
     for arm, c in curves.items():
         ls = np.asarray(c[loss], dtype=float)
         i = int(np.flatnonzero(np.isfinite(ls) & (ls <= level))[0])
@@ -206,7 +209,9 @@ def at_matched_loss(
             v = np.asarray(c[k], dtype=float)
             values[arm][k] = float(v[i]) if i == 0 else float((1 - frac) * v[i - 1] + frac * v[i])
         where[arm] = i - 1 + frac
-    return {"level": float(level), "values": values, "step_index": where}
+        if i == 0 and ls[0] < level:
+            short.append(arm)
+    return {"level": float(level), "values": values, "step_index": where, "below_at_first": short}
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -328,6 +333,7 @@ def analyse(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             flat_arms = [a for a in run["arms"] if curves(run, a, ("lambda_max",))["lambda_max"]]
             m = at_matched_loss({a: curves(run, a, FLAT_KEYS) for a in flat_arms}, FLAT_KEYS[1:])
             row[f"matched_loss_{b}"] = m["level"]
+            row[f"not_matched_{b}"] = ",".join(m["below_at_first"])
             for a, vals in m["values"].items():
                 for k, v in vals.items():
                     row[f"{k}_{a}_{b}_matched"] = v
@@ -484,11 +490,20 @@ def write_outputs(
             ]
         lines += ["", "## Mechanism (large batch) and flatness at matched train loss (reported)", ""]
         lines += [f"- **{k}**: {summary_text(d)}" for k, d in reported.items()]
+        first = protocol.flat_steps()[0]
+        lines += [
+            f"- not matched: seed {r['seed']}, {b} batch: {r[f'not_matched_{b}']} already below the matched "
+            f"train loss at the first flatness step ({first}); read there, at a lower loss"
+            for r in a["per_seed"]
+            for b in BATCHES
+            if r.get(f"not_matched_{b}")
+        ]
         lines += ["", "## Per seed", ""]
         keys = [
             k
             for k in a["per_seed"][0]
-            if k.startswith(("acc_", "lambda_max_", "trace_h_", "matched_loss")) and "_err_" not in k
+            if k.startswith(("acc_", "lambda_max_", "trace_h_", "matched_loss", "not_matched"))
+            and "_err_" not in k
         ]
         lines += [
             "| key | " + " | ".join(f"seed {s}" for s in a["seeds"]) + " |",
@@ -613,11 +628,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-estimate", action="store_true", help="skip the timed cost estimate")
     ap.add_argument("--batches", default="small,large", help="which batches this process runs (default both)")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from the saved runs, run nothing"
+    )
     args = ap.parse_args(argv)
     try:
         protocol = protocol_for(args.scale, args.data)
         seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-        est = {} if args.no_estimate else estimate_cost(protocol)
+        est = {} if (args.no_estimate or args.report_only) else estimate_cost(protocol)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -629,6 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     if args.estimate_only:
+        return 0
+    if args.report_only:
+        rep = write_outputs(args.out, protocol, load_runs(args.out))
+        print(f"{len(load_runs(args.out))} saved runs: {rep.get('verdict', 'no verdict')}", flush=True)
         return 0
     t0 = time.perf_counter()
     batches = [b.strip() for b in args.batches.split(",")]
