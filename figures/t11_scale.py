@@ -1,13 +1,14 @@
-"""Figures of a scaled T11 run (``python -m verify.claims.largebatch --out DIR``), read from its saved files.
+"""Figures of a scaled T11 run (``python -m verify.claims.largebatch --out DIR``), read from its saved
+files.
 
-``python -m figures.t11_scale DIR`` reads ``DIR/series_{small,large}_seed*.csv`` (one lockstep run per seed and
-batch: columns ``step``, ``<arm>_test_acc``, ``<arm>_train_loss``, ``<arm>_lambda_max`` (+ ``_err``),
+``python -m figures.t11_scale DIR`` reads ``DIR/series_{small,large}_seed*.csv`` (one lockstep run per seed
+and batch: columns ``step``, ``<arm>_test_acc``, ``<arm>_train_loss``, ``<arm>_lambda_max`` (+ ``_err``),
 ``<arm>_trace_h`` (+ ``_err``) for the arms dsgd, csgd, avgsam-xi, avgsam-iso) and writes
 
 - ``t11_accuracy.png``: test accuracy vs iteration of the four arms at both batches (mean over seeds, band:
   min-max over seeds);
-- ``t11_flatness.png``: lambda_max and Tr H of each arm's average model vs its training loss (every seed, error
-  bars: the Lanczos residual and the Hutchinson standard error), at both batches.
+- ``t11_flatness.png``: lambda_max and Tr H of each arm's average model vs its training loss (every seed,
+  error bars: the Lanczos residual and the Hutchinson standard error), at both batches.
 
 Reads only; computes nothing but means. Cost: seconds.
 """
@@ -83,7 +84,6 @@ def flatness_figure(series: dict, title: str):
                     ax.errorbar(x[ok], y[ok], yerr=err[ok], color=col, marker=mk, ms=4, lw=0.8, capsize=2,
                                 label=lab if first else None)  # fmt: skip
                     first = False
-            ax.set_xscale("log")
             ax.set_xlabel("training loss (10k-image subset)")
             ax.set_ylabel(f"{ylab} (2048-image subset)")
             ax.set_title(f"{ylab}, {b} batch")
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.folder.name
     for stem, fig in (
         ("t11_accuracy", accuracy_figure(series, f"T11 ({name}): test accuracy, m = 16, LSR")),
-        ("t11_flatness", flatness_figure(series, f"T11 ({name}): curvature of the average model vs train loss")),
+        ("t11_flatness", flatness_figure(series, f"T11 ({name}): curvature of the average model vs loss")),
     ):
         fig.savefig(out / f"{stem}.png", dpi=130)
         print(out / f"{stem}.png")
