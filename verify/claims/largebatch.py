@@ -330,15 +330,17 @@ def analyse(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 row[f"acc_{arm}_{b}"] = 100 * final(run, arm, "test_acc")
                 row[f"train_loss_{arm}_{b}"] = final(run, arm, "train_loss")
                 row[f"dist_{arm}_{b}"] = final(run, arm, "dist")
+                row[f"diverged_{arm}_{b}"] = run["diverged"].get(arm)
             flat_arms = [a for a in run["arms"] if curves(run, a, ("lambda_max",))["lambda_max"]]
+            if not flat_arms:  # a run stopped (diverged) before its first flatness step
+                row[f"matched_loss_{b}"] = math.nan
+                continue
             m = at_matched_loss({a: curves(run, a, FLAT_KEYS) for a in flat_arms}, FLAT_KEYS[1:])
             row[f"matched_loss_{b}"] = m["level"]
             row[f"not_matched_{b}"] = ",".join(m["below_at_first"])
             for a, vals in m["values"].items():
                 for k, v in vals.items():
                     row[f"{k}_{a}_{b}_matched"] = v
-            for a in run["arms"]:
-                row[f"diverged_{a}_{b}"] = run["diverged"].get(a)
         per_seed.append(row)
 
     def col(f: Callable[[dict], float]) -> list[float]:
@@ -454,7 +456,11 @@ def write_outputs(
             "flat_steps",
         )
     ]
-    done = ", ".join(f"seed {r['seed']} {r['batch']} {r['wall_s']:.0f} s" for r in runs)
+    done = ", ".join(
+        f"seed {r['seed']} {r['batch']} {r['wall_s']:.0f} s"
+        + (f" (diverged at step: {r['diverged']})" if r["diverged"] else "")
+        for r in runs
+    )
     lines += ["", f"Runs finished: {len(runs)} ({done})", ""]
     if a and a["seeds"]:
         ok = not any(
