@@ -155,6 +155,21 @@ def test_cli_paper_scale_without_data_is_one_line(capsys):
     assert len(err) == 1 and "cifar10:DIR" in err[0]
 
 
+def test_check_cli_paper_scale_without_data_is_one_line(capsys, tmp_path):
+    from verify.claims.runner import build_parser, main
+
+    args = build_parser().parse_args(["--only", "T11", "--scale", "paper", "--report", str(tmp_path / "r")])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cifar10:DIR" in err[0] and not (tmp_path / "r").exists()
+    args = build_parser().parse_args(
+        ["--only", "T11", "--scale", "paper", "--data", f"cifar10:{tmp_path / 'no'}"]
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data folder not found" in err[0]
+
+
 def write_tiny_cifar(root, n_train=64, n_test=32):
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True)

@@ -152,7 +152,7 @@ def protocol_for(scale: str, data: str | None = None, **overrides: Any) -> Proto
     if data is not None:
         p = replace(p, data=data)
     if p.data == "cifar10":
-        raise ValueError("the paper scale needs the CIFAR-10 folder: pass data=cifar10:DIR (python pickles)")
+        raise ValueError("the paper scale needs the CIFAR-10 folder: --data cifar10:DIR (python pickles)")
     return replace(p, **overrides) if overrides else p
 
 

@@ -164,7 +164,13 @@ def main(args: argparse.Namespace) -> int:
             return 0
         checks, skipped = select_checks(args.only, args.full)
         device = resolve_device(args.device)
-    except (ClaimsError, SharpnessInputError) as exc:
+        if getattr(args, "scale", None) is not None or getattr(args, "data", None) is not None:
+            from .largebatch import protocol_for  # the scaled check's protocol: fail here, in one line
+
+            from sharpness.data import load_dataset
+
+            load_dataset(protocol_for(args.scale or "digits", args.data).data, split="test")
+    except (ClaimsError, SharpnessInputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
