@@ -165,9 +165,9 @@ def main(args: argparse.Namespace) -> int:
         checks, skipped = select_checks(args.only, args.full)
         device = resolve_device(args.device)
         if getattr(args, "scale", None) is not None or getattr(args, "data", None) is not None:
-            from .largebatch import protocol_for  # the scaled check's protocol: fail here, in one line
-
             from sharpness.data import load_dataset
+
+            from .largebatch import protocol_for  # the scaled check's protocol: fail here, in one line
 
             load_dataset(protocol_for(args.scale or "digits", args.data).data, split="test")
     except (ClaimsError, SharpnessInputError, ValueError) as exc:
