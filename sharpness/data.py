@@ -12,7 +12,8 @@
 - ``FILE.pt`` / ``FILE.npz``: inputs and targets under keys x/y, inputs/targets or data/labels (or an
   ``(x, y)`` pair); the file is the data, so ``split`` does not apply.
 - ``cifar10:DIR`` (python-pickle batches), ``fashion-mnist:DIR`` (idx files; ``mnist:DIR`` reads the same
-  layout), see :mod:`sharpness.datafiles`.
+  layout), see :mod:`sharpness.datafiles`. ``fashion-mnist`` alone reads Debian's ``dataset-fashion-mnist``
+  package at :data:`FASHION_MNIST_DIR`; a missing folder names the command that installs it.
 - ``tokens:FILE[:seq=T][:pad=ID]`` (``.npy``/``.pt`` of token ids; a bare ``FILE.npy`` too) and
   ``text:FILE[:seq=T]`` (bytes as ids): token data for ``--loss lm``, see :mod:`sharpness.tokens`.
 - ``MODULE:CALLABLE``: called as ``fn(split=split)`` (or ``fn()`` when it takes no ``split``); returns a
@@ -44,8 +45,15 @@ SPLITS = ("train", "test", "all")
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 SPECS_HELP = (
-    "digits, synthetic:N, FILE.pt, FILE.npz, cifar10:DIR, fashion-mnist:DIR, tokens:FILE, text:FILE or "
+    "digits, synthetic:N, FILE.pt, FILE.npz, cifar10:DIR, fashion-mnist[:DIR], tokens:FILE, text:FILE or "
     "MODULE:CALLABLE"
+)
+#: where Debian's ``dataset-fashion-mnist`` package installs the idx files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_INSTALL = (
+    "install it with 'sudo apt-get install dataset-fashion-mnist' (as a normal user: 'apt-get download "
+    "dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR', then use "
+    "fashion-mnist:DIR/usr/share/datasets/fashion-mnist)"
 )
 
 
@@ -245,8 +253,12 @@ def load_dataset(spec: str, *, split: str = "test", samples: int | None = None, 
     elif head == "cifar10" and rest:
         x, y, meta = read_cifar10(Path(rest).expanduser(), split)
         ds = Dataset(x, y, 10, "cifar10", meta)
-    elif head in ("fashion-mnist", "mnist") and rest:
-        x, y, meta = read_idx_images(Path(rest).expanduser(), split, kind=head)
+    elif spec == "fashion-mnist" or (head in ("fashion-mnist", "mnist") and rest):
+        root = Path(rest or FASHION_MNIST_DIR).expanduser()
+        if not root.is_dir():
+            hint = f"; {FASHION_MNIST_INSTALL}" if head == "fashion-mnist" else ""
+            raise SharpnessInputError(f"{head} data folder not found: {root}{hint}")
+        x, y, meta = read_idx_images(root, split, kind=head)
         ds = Dataset(x, y, 10, head, meta)
     elif spec.lower().endswith((".pt", ".pth", ".npz")):
         x, y, meta = read_array_file(Path(spec).expanduser())

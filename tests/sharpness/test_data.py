@@ -274,6 +274,23 @@ def test_idx_errors(tmp_path):
     one_line_error("images have shape", load_dataset, f"fashion-mnist:{tmp_path}")
 
 
+def test_fashion_mnist_default_folder(tmp_path, monkeypatch):
+    """``fashion-mnist`` alone reads the Debian package's folder; a missing one names the install command."""
+    import sharpness.data as data
+
+    made = write_idx(tmp_path / "pkg", gz=True)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "pkg"))
+    test = load_dataset("fashion-mnist")
+    assert (
+        test.y.tolist() == made["t10k"][1].tolist() and len(load_dataset("fashion-mnist", split="train")) == 5
+    )
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    msg = one_line_error("data folder not found", load_dataset, "fashion-mnist")
+    assert "apt-get install dataset-fashion-mnist" in msg and "dpkg -x" in msg
+    msg = one_line_error("data folder not found", load_dataset, f"fashion-mnist:{tmp_path / 'none'}")
+    assert "apt-get" in msg
+
+
 # ------------------------------------------------------------------------------------------- MODULE:CALLABLE
 
 LOADER_SRC = textwrap.dedent(

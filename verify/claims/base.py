@@ -83,13 +83,16 @@ class Context:
     """What a check may read: protocol size, seed, device, and a progress-bar factory.
 
     ``progress(iterable=None, *, total=None, desc=None)`` returns a tqdm-like object (iterate over it, or call
-    ``update``/``close``). The runner gives one bar per check on stderr.
+    ``update``/``close``). The runner gives one bar per check on stderr. ``options``: settings a check may
+    read beyond quick/full (``scale``, ``data``: the scale and data of T11; ``report``: the report folder,
+    where a long check may write its partial results).
     """
 
     quick: bool = True
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: ProgressFactory = silent_progress
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:

@@ -1,8 +1,9 @@
 """The ``check`` command: run the registered checks, print the table, write the report.
 
 ``dsgd-verify check [--quick|--full] [--only T1,T6] [--seed S] [--device auto|cpu|cuda] [--report DIR]
-[--list]`` (also ``python -m verify.claims ...``). Quick mode skips ``full_only`` checks unless ``--only``
-names them. Exit status 1 when a check FAILs (an asserted criterion or control, or a crash), else 0.
+[--scale digits|fmnist|paper] [--data SPEC] [--list]`` (also ``python -m verify.claims ...``). Quick mode
+skips ``full_only`` checks unless ``--only`` names them. Exit status 1 when a check FAILs (an asserted
+criterion or control, or a crash), else 0.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     parser.add_argument("--report", default="reports/latest", metavar="DIR", help="default: reports/latest")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument(
+        "--scale", default=None, choices=["digits", "fmnist", "paper"],
+        help="scale of the empirical check T11: digits (default), fmnist or paper (CIFAR-10, needs --data)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", default=None, metavar="SPEC", help="data of the scaled check, e.g. cifar10:DIR"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +122,10 @@ def run_checks(
     seed: int = 0,
     device: torch.device | None = None,
     show_progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> list[CheckResult]:
-    """Run ``checks`` in order with one progress bar each; returns their results."""
+    """Run ``checks`` in order with one progress bar each (``options``: :attr:`Context.options`); returns
+    their results."""
     device = device or torch.device("cpu")
     results = []
     for cls in checks:
@@ -128,7 +138,7 @@ def run_checks(
             position=0,
         )
         progress = _progress_factory(cls.id) if show_progress else Context().progress
-        ctx = Context(quick=quick, seed=seed, device=device, progress=progress)
+        ctx = Context(quick=quick, seed=seed, device=device, progress=progress, options=dict(options or {}))
         result = execute(cls, ctx)
         bar.set_postfix_str(f"{result.verdict} {result.seconds:.1f}s")
         bar.update(1)
@@ -154,17 +164,26 @@ def main(args: argparse.Namespace) -> int:
             return 0
         checks, skipped = select_checks(args.only, args.full)
         device = resolve_device(args.device)
-    except (ClaimsError, SharpnessInputError) as exc:
+        if getattr(args, "scale", None) is not None or getattr(args, "data", None) is not None:
+            from sharpness.data import load_dataset
+
+            from .largebatch import protocol_for  # the scaled check's protocol: fail here, in one line
+
+            load_dataset(protocol_for(args.scale or "digits", args.data).data, split="test")
+    except (ClaimsError, SharpnessInputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    results = run_checks(checks, quick=not args.full, seed=args.seed, device=device)
+    options = {"report": args.report}
+    options.update({k: getattr(args, k) for k in ("scale", "data") if getattr(args, k, None) is not None})
+    results = run_checks(checks, quick=not args.full, seed=args.seed, device=device, options=options)
     wall = time.perf_counter() - start
     settings = {
         "mode": "full" if args.full else "quick",
         "seed": args.seed,
         "device": str(device),
         "only": args.only,
+        "scale": getattr(args, "scale", None),
         "skipped_full_only": skipped,
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
