@@ -1,0 +1,327 @@
+"""The generalised Gauss-Newton matrix ``G = J^T Lambda J``: its exact trace, its quadratic forms, and when
+``Tr H = Tr G`` holds exactly.
+
+With outputs ``f_i(theta)`` of sample ``i`` and the loss ``L = sum_i l_i(f_i)``, the Hessian splits as
+``H = J^T Lambda J + sum_i sum_k (dl_i/df_ik) nabla^2 f_ik`` with ``J_i = df_i/dtheta`` (C x d) and
+``Lambda_i = d^2 l_i / df_i^2`` (C x C). Factor ``Lambda_i = S_i S_i^T``; then
+
+    Tr G = sum_i ||J_i^T S_i||_F^2 = sum_i sum_k ||J_i^T s_ik||^2,
+
+a sum of squared per-sample vector-Jacobian products, computed with ``torch.func`` (``vmap`` over samples
+of a ``vjp`` of one sample's output, ``vmap`` over the ``K`` columns of ``S_i``) through the same
+``functional_call`` core as every HVP. Cost: ``K`` (= C) per-sample backward passes for every sample,
+about ``C`` gradients of the whole batch; memory: a block of ``chunk x K x d`` numbers.
+Factors: cross-entropy ``Lambda_i = c (diag p - p p^T)`` with ``S_i = sqrt(c) (diag sqrt p - p sqrt(p)^T)``;
+squared error ``Lambda_i = 2 c I``; ``c`` = the sample's weight in ``L`` (``1/n`` for a mean over ``n``
+samples; ``1/(n C)`` for MSE's mean over samples and outputs).
+
+``z^T G z = sum_i ||S_i^T J_i z||^2`` needs one Jacobian-vector product (forward mode) of the batch
+outputs: about one gradient per probe.
+
+**When Tr H = Tr G.** The diagonal of the second term vanishes when every output is piecewise linear in
+each single parameter (``d^2 f_ik / d theta_j^2 = 0`` almost everywhere). :func:`piecewise_linear` decides
+this from the operations the forward pass really runs, recorded with ``make_fx`` on each batch (so module
+reuse, functional calls in ``forward`` and residual sums are all seen). Every operation whose inputs depend
+on a parameter must be either piecewise linear jointly in its inputs (ReLU, LeakyReLU, hardtanh, max and
+average pooling, sums, views, concatenation, padding, mean/sum, multiplication by a parameter-free tensor)
+or bilinear (convolution, matrix products, BatchNorm with running statistics, elementwise products) with
+its two factors depending on disjoint sets of parameter tensors: then each output is, in any single
+parameter, a composition of affine and piecewise-linear maps, hence piecewise linear. Anything else (tanh,
+GELU, softmax inside the net, BatchNorm with batch statistics, a layer applied to its own output) refuses,
+naming the operation. The loss must be cross-entropy or squared error (recognised from ``loss_fn``), the
+model in eval mode. The rule is sufficient, not necessary: it may refuse a network for which the equality
+happens to hold, never the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from .functional import FunctionalLoss, NetworkParts, Params, SharpnessInputError, training_flags, unflatten
+from .results import Result
+
+#: Numbers a block of per-sample Jacobian-vector products may hold at once (256 MiB in float32).
+CHUNK_NUMBERS = 1 << 26
+
+LOSS_KINDS = ("ce-mean", "ce-sum", "mse-mean", "mse-sum")
+
+
+def mse_loss_kind(fn: Callable[..., Any], reduction: str = "mean") -> Callable[..., Any]:
+    """Mark a callable as a squared-error loss (``F.mse_loss`` on its outputs with this reduction), so the
+    Gauss-Newton routines can use ``Lambda = 2c I``. The caller vouches for the formula."""
+    fn.ggn_loss = f"mse-{reduction}"  # type: ignore[attr-defined]
+    return fn
+
+
+def loss_kind(loss_fn: Any) -> str | None:
+    """``"ce-mean"``, ``"ce-sum"``, ``"mse-mean"``, ``"mse-sum"`` for the losses whose output Hessian is
+    known (``F.cross_entropy``/``nn.CrossEntropyLoss`` without class weights, ``F.mse_loss``/``nn.MSELoss``,
+    or a callable marked by :func:`mse_loss_kind`); ``None`` otherwise."""
+    marked = getattr(loss_fn, "ggn_loss", None)
+    if marked in LOSS_KINDS:
+        return marked
+    if loss_fn is F.cross_entropy:
+        return "ce-mean"
+    if loss_fn is F.mse_loss:
+        return "mse-mean"
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None:
+        return {"mean": "ce-mean", "sum": "ce-sum"}.get(loss_fn.reduction)
+    if isinstance(loss_fn, nn.MSELoss):
+        return {"mean": "mse-mean", "sum": "mse-sum"}.get(loss_fn.reduction)
+    return None
+
+
+def network_of(obj: Any) -> tuple[NetworkParts | None, FunctionalLoss | None]:
+    """The :class:`NetworkParts` and :class:`FunctionalLoss` behind a FunctionalLoss or an operator built on
+    one (``op.fl``); ``(None, None)`` when there is none."""
+    fl = obj if isinstance(obj, FunctionalLoss) else getattr(obj, "fl", None)
+    if not isinstance(fl, FunctionalLoss):
+        return None, None
+    return fl.network, fl
+
+
+def _factor(kind: str, out: Tensor, y: Tensor, weight: float) -> Tensor:
+    """``S_i`` (n, C, K) with ``S_i S_i^T = Lambda_i`` for outputs ``out`` (n, C) of one batch whose loss
+    enters ``L`` with ``weight``."""
+    n = out.shape[0]
+    out = out.reshape(n, -1)
+    C = out.shape[1]
+    if kind.startswith("ce"):
+        if isinstance(y, Tensor) and not y.is_floating_point() and bool((y < 0).any()):
+            raise SharpnessInputError("the Gauss-Newton trace does not support ignored labels (y < 0)")
+        c = weight / n if kind == "ce-mean" else weight
+        p = torch.softmax(out.detach().double(), dim=1)
+        sq = p.sqrt()
+        S = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+        return (math.sqrt(c) * S).to(out.dtype)
+    c = 2 * weight / (n * C) if kind == "mse-mean" else 2 * weight
+    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    return math.sqrt(c) * eye.expand(n, C, C)
+
+
+def _forward(parts: NetworkParts, p: Params, x: Tensor) -> Tensor:
+    return functional_call(parts.model, {**parts.frozen, **p}, (x,))
+
+
+def _require(parts: NetworkParts | None, what: str) -> tuple[NetworkParts, str]:
+    if parts is None:
+        raise SharpnessInputError(f"{what} needs a network: pass (model, loss_fn, data) or a FunctionalLoss "
+                                  "made by make_loss")  # fmt: skip
+    kind = loss_kind(parts.loss_fn)
+    if kind is None:
+        raise SharpnessInputError(
+            f"{what} needs a cross-entropy or squared-error loss (F.cross_entropy, nn.CrossEntropyLoss, "
+            f"F.mse_loss, nn.MSELoss); got {getattr(parts.loss_fn, '__name__', type(parts.loss_fn).__name__)}"
+        )
+    if parts.train_mode:
+        raise SharpnessInputError(f"{what} needs eval mode (train mode couples the samples of a batch)")
+    return parts, kind
+
+
+@dataclass
+class GGNTrace(Result):
+    """Exact ``Tr G`` and its split over parameter tensors (``per_param``, name -> ``Tr G_pp``)."""
+
+    value: float
+    per_param: dict[str, float] = field(default_factory=dict)
+    n_samples: int = 0
+    n_outputs: int = 0
+    seconds: float = 0.0
+
+
+def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None) -> GGNTrace:
+    """``Tr G = sum_b w_b sum_i ||J_i^T S_i||_F^2`` exactly (see the module docstring), in float64 sums.
+
+    Cost: for every sample, ``C`` per-sample backward passes (vectorised), about ``C`` gradients of the
+    batch; ``chunk`` samples at a time (default: as many as keep ``chunk x C x d`` under
+    :data:`CHUNK_NUMBERS`).
+    """
+    parts, kind = _require(fl.network, "the exact Gauss-Newton trace")
+    t0 = time.perf_counter()
+    params = {k: v.detach() for k, v in fl.params.items()}
+    d = sum(v.numel() for v in params.values())
+    per = {k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in params.items()}
+    n_samples, n_out = 0, 0
+    with training_flags(parts.model, False), torch.no_grad():
+        for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+            out = _forward(parts, params, x)
+            S = _factor(kind, out, y, float(w))
+            n_out = S.shape[1]
+            per_chunk = chunk or max(1, CHUNK_NUMBERS // max(1, S.shape[2] * d))
+
+            def one(xi: Tensor, Si: Tensor) -> dict[str, Tensor]:
+                f = lambda p: _forward(parts, p, xi.unsqueeze(0)).reshape(-1)
+                _, pull = vjp(f, params)
+                (g,) = vmap(pull)(Si.T.contiguous())
+                return {k: (t.double() ** 2).sum() for k, t in g.items()}
+
+            for i in range(0, x.shape[0], per_chunk):
+                with torch.enable_grad():
+                    sq = vmap(one)(x[i : i + per_chunk], S[i : i + per_chunk])
+                for k in per:
+                    per[k] += sq[k].sum()
+            n_samples += x.shape[0]
+    per_f = {k: float(v) for k, v in per.items()}
+    return GGNTrace(
+        value=float(sum(per.values())),
+        per_param=per_f,
+        n_samples=n_samples,
+        n_outputs=n_out,
+        seconds=time.perf_counter() - t0,
+        settings={"loss": kind},
+        device=str(fl.device),
+    )
+
+
+def ggn_quadratic_forms(fl: FunctionalLoss, Z: Tensor) -> Tensor:
+    """``z^T G z = sum_b w_b sum_i ||S_i^T J_i z||^2`` for each column of ``Z`` (d, k), in float64.
+
+    Cost: one Jacobian-vector product (forward mode) of the batch outputs per column and batch, about one
+    gradient each.
+    """
+    parts, kind = _require(fl.network, "the Gauss-Newton quadratic form")
+    params = {k: v.detach() for k, v in fl.params.items()}
+    total = torch.zeros(Z.shape[1], dtype=torch.float64, device=Z.device)
+    with training_flags(parts.model, False), torch.no_grad():
+        for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+            f = lambda p, x=x: _forward(parts, p, x)
+            S = None
+            for j in range(Z.shape[1]):
+                out, Jz = jvp(f, (params,), (unflatten(Z[:, j].to(fl.dtype), params),))
+                if S is None:
+                    S = _factor(kind, out, y, float(w))
+                u = torch.einsum("nck,nc->nk", S.double(), Jz.reshape(Jz.shape[0], -1).double())
+                total[j] += (u * u).sum()
+    return total
+
+
+# ----------------------------------------------------------------------------------- applicability
+_LINEAR_OPS = {
+    "aten.relu.default", "aten.leaky_relu.default", "aten.hardtanh.default", "aten.threshold.default",
+    "aten.max_pool1d_with_indices.default", "aten.max_pool2d_with_indices.default",
+    "aten.max_pool3d_with_indices.default", "aten.max_pool2d.default", "aten.avg_pool1d.default",
+    "aten.avg_pool2d.default", "aten.avg_pool3d.default", "aten._adaptive_avg_pool2d.default",
+    "aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool3d.default", "aten.adaptive_max_pool2d.default",
+    "aten.add.Tensor", "aten.sub.Tensor", "aten.neg.default", "aten.view.default", "aten.reshape.default",
+    "aten._unsafe_view.default", "aten.permute.default", "aten.transpose.int", "aten.t.default",
+    "aten.expand.default", "aten.clone.default", "aten.contiguous.default", "aten.squeeze.dim",
+    "aten.squeeze.default", "aten.squeeze.dims", "aten.unsqueeze.default", "aten.flatten.using_ints",
+    "aten.cat.default", "aten.stack.default", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+    "aten.split_with_sizes.default", "aten.constant_pad_nd.default", "aten.mean.dim", "aten.mean.default",
+    "aten.sum.dim_IntList", "aten.sum.default", "aten.max.dim", "aten.amax.default", "aten.abs.default",
+    "aten.alias.default", "aten.detach.default", "aten._to_copy.default", "aten.index.Tensor",
+    "aten.lift_fresh_copy.default", "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
+    "aten.maximum.default", "aten.minimum.default", "aten.where.self", "aten.unbind.int",
+    "<built-in function getitem>",
+}  # fmt: skip
+#: op -> positions of the two factors of a bilinear op (other tensor arguments enter linearly, or must not
+#: depend on parameters: see _FIXED).
+_BILINEAR_OPS = {
+    "aten.convolution.default": (0, 1),
+    "aten.mm.default": (0, 1),
+    "aten.bmm.default": (0, 1),
+    "aten.matmul.default": (0, 1),
+    "aten.addmm.default": (1, 2),
+    "aten.mul.Tensor": (0, 1),
+    "aten._native_batch_norm_legit_no_training.default": (0, 1),
+    "aten.native_batch_norm.default": (0, 1),
+    "aten.cudnn_batch_norm.default": (0, 1),
+    "aten.div.Tensor": (0, 0),
+}
+#: argument positions that must not depend on any parameter (running statistics, divisors).
+_FIXED = {
+    "aten._native_batch_norm_legit_no_training.default": (3, 4),
+    "aten.native_batch_norm.default": (3, 4),
+    "aten.cudnn_batch_norm.default": (3, 4),
+    "aten.div.Tensor": (1,),
+}
+_BATCH_NORM_TRAINING_ARG = {"aten.native_batch_norm.default": 5, "aten.cudnn_batch_norm.default": 5}
+
+
+@dataclass
+class Applicability:
+    """Whether ``Tr H = Tr G`` exactly, and why (``reason``: one line)."""
+
+    exact: bool
+    reason: str
+
+
+def _deps(arg: Any, deps: dict[Any, frozenset[int]]) -> frozenset[int]:
+    if isinstance(arg, torch.fx.Node):
+        return deps.get(arg, frozenset())
+    if isinstance(arg, (list, tuple)):
+        out: frozenset[int] = frozenset()
+        for a in arg:
+            out |= _deps(a, deps)
+        return out
+    return frozenset()
+
+
+def _graph_is_piecewise_linear(gm: torch.fx.GraphModule, n_params: int) -> tuple[bool, str]:
+    deps: dict[Any, frozenset[int]] = {}
+    k = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            deps[node] = frozenset([k]) if k < n_params else frozenset()
+            k += 1
+            continue
+        if node.op != "call_function":
+            continue
+        args = list(node.args) + list(node.kwargs.values())
+        mine = _deps(args, deps)
+        deps[node] = mine
+        if not mine:
+            continue
+        name = "<built-in function getitem>" if node.target is operator.getitem else str(node.target)
+        if name in _LINEAR_OPS:
+            continue
+        if name not in _BILINEAR_OPS:
+            return False, f"the forward pass applies {name} to a parameter-dependent tensor"
+        if name in _BATCH_NORM_TRAINING_ARG and bool(node.args[_BATCH_NORM_TRAINING_ARG[name]]):
+            return False, "BatchNorm uses batch statistics (train mode)"
+        for pos in _FIXED.get(name, ()):
+            if pos < len(node.args) and _deps(node.args[pos], deps):
+                return False, f"{name} divides by (or normalises with) a parameter-dependent tensor"
+        a, b = _BILINEAR_OPS[name]
+        if a != b and a < len(node.args) and b < len(node.args):
+            if _deps(node.args[a], deps) & _deps(node.args[b], deps):
+                return False, f"{name} multiplies two tensors that depend on the same parameter"
+    return True, "every parameter-dependent operation is piecewise linear or bilinear in disjoint parameters"
+
+
+def piecewise_linear(fl: FunctionalLoss) -> Applicability:
+    """Whether ``Tr H = Tr G`` holds exactly for this loss (the rule is in the module docstring).
+
+    Cost: one recorded forward pass (``make_fx``) per batch; no derivatives.
+    """
+    parts = fl.network
+    if parts is None:
+        return Applicability(False, "no network behind this loss (a bare function of the parameters)")
+    kind = loss_kind(parts.loss_fn)
+    if kind is None:
+        return Applicability(False, "the loss is not recognised as cross-entropy or squared error")
+    if parts.train_mode:
+        return Applicability(False, "train mode: BatchNorm batch statistics couple the samples")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = {k: v.detach() for k, v in fl.params.items()}
+    with training_flags(parts.model, False), torch.no_grad():
+        for i, (x, _) in enumerate(parts.batches):
+            try:
+                gm = make_fx(lambda p, x: _forward(parts, p, x))(params, x)
+            except Exception as exc:  # noqa: BLE001 - a forward we cannot record is not certified
+                return Applicability(False, f"could not record the forward pass on batch {i}: {exc!s:.120}")
+            ok, why = _graph_is_piecewise_linear(gm, len(params))
+            if not ok:
+                return Applicability(False, why)
+    return Applicability(True, f"{kind} loss; {why}")
