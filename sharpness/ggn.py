@@ -139,22 +139,50 @@ class GGNTrace(Result):
     seconds: float = 0.0
 
 
-def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None) -> GGNTrace:
+def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None, backend: str = "auto") -> GGNTrace:
     """``Tr G = sum_b w_b sum_i ||J_i^T S_i||_F^2`` exactly (see the module docstring), in float64 sums.
 
-    Cost: for every sample, ``C`` per-sample backward passes (vectorised), about ``C`` gradients of the
-    batch; ``chunk`` samples at a time (default: as many as keep ``chunk x C x d`` under
-    :data:`CHUNK_NUMBERS`).
+    ``backend="layers"``: one batched backward of the ``K`` columns of ``S`` to every layer's output
+    (``is_grads_batched``), then per-layer closed forms of the per-sample squared gradient norms from the
+    layer's input ``a`` and output gradient ``g``: Linear ``||g||^2 ||a||^2``; Conv2d ``||G_i U_i^T||_F^2``
+    with ``U_i`` the unfolded input (or ``sum_pq (G^T G)_pq (U^T U)_pq`` when fewer flops); BatchNorm (running
+    statistics) ``(sum_p g x_hat)^2`` and ``(sum_p g)^2``. Cost: about ``K/2`` gradients plus the per-layer
+    contractions (``K x`` a weight gradient's flops). It needs every trainable parameter to belong to a
+    Linear, Conv2d (groups 1, zero padding) or BatchNorm module called once per forward pass.
+    ``backend="vmap"``: any network; ``vmap`` over samples of a ``vjp`` of one sample's outputs, ``K``
+    cotangents each; about ``C`` gradients and more on CPU, with ``chunk`` samples at a time (default: as
+    many as keep ``chunk x K x d`` under :data:`CHUNK_NUMBERS`). ``"auto"``: layers when they apply.
     """
     parts, kind = _require(fl.network, "the exact Gauss-Newton trace")
+    if backend not in ("auto", "layers", "vmap"):
+        raise SharpnessInputError(f"backend must be 'auto', 'layers' or 'vmap', not {backend!r}")
     t0 = time.perf_counter()
     params = {k: v.detach() for k, v in fl.params.items()}
     d = sum(v.numel() for v in params.values())
     per = {k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in params.items()}
     n_samples, n_out = 0, 0
-    with training_flags(parts.model, False), torch.no_grad():
+    owners = None if backend == "vmap" else _layer_owners(parts.model, params)
+    if backend == "layers" and owners is None:
+        raise SharpnessInputError("backend='layers' needs every parameter in a Linear, Conv2d or BatchNorm")
+    used = "layers" if owners is not None else "vmap"
+    with training_flags(parts.model, False):
         for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
-            out = _forward(parts, params, x)
+            if owners is not None:
+                got = _layers_batch(parts, kind, params, owners, x, y, float(w))
+                if got is None:  # a module ran more or less than once: the closed forms do not apply
+                    if backend == "layers":
+                        raise SharpnessInputError(
+                            "backend='layers': a parameterised module ran other than once"
+                        )
+                    owners, used = None, "vmap"
+                else:
+                    sq, n_out = got
+                    for k in per:
+                        per[k] += sq.get(k, 0.0)
+                    n_samples += x.shape[0]
+                    continue
+            with torch.no_grad():
+                out = _forward(parts, params, x)
             S = _factor(kind, out, y, float(w))
             n_out = S.shape[1]
             per_chunk = chunk or max(1, CHUNK_NUMBERS // max(1, S.shape[2] * d))
@@ -166,10 +194,9 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None) -> GGNTrace:
                 return {k: (t.double() ** 2).sum() for k, t in g.items()}
 
             for i in range(0, x.shape[0], per_chunk):
-                with torch.enable_grad():
-                    sq = vmap(one)(x[i : i + per_chunk], S[i : i + per_chunk])
+                sq = vmap(one)(x[i : i + per_chunk], S[i : i + per_chunk])
                 for k in per:
-                    per[k] += sq[k].sum()
+                    per[k] += sq[k].detach().sum()
             n_samples += x.shape[0]
     per_f = {k: float(v) for k, v in per.items()}
     return GGNTrace(
@@ -178,7 +205,7 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None) -> GGNTrace:
         n_samples=n_samples,
         n_outputs=n_out,
         seconds=time.perf_counter() - t0,
-        settings={"loss": kind},
+        settings={"loss": kind, "backend": used},
         device=str(fl.device),
     )
 
@@ -205,13 +232,152 @@ def ggn_quadratic_forms(fl: FunctionalLoss, Z: Tensor) -> Tensor:
     return total
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _supported_layer(mod: nn.Module) -> bool:
+    """A layer whose closed form :func:`_layer_sq_norms` knows: torch's own ``forward`` (no subclass
+    override), Conv2d with groups 1 and zero padding, BatchNorm with running statistics."""
+    kind = type(mod).forward
+    if isinstance(mod, nn.Linear):
+        return kind is nn.Linear.forward
+    if isinstance(mod, nn.Conv2d):
+        plain = mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+        return plain and kind is nn.Conv2d.forward
+    if isinstance(mod, _BATCH_NORMS):
+        stats = mod.track_running_stats and mod.running_mean is not None and mod.affine
+        return stats and kind is nn.BatchNorm2d.forward
+    return False
+
+
+def _layer_owners(model: nn.Module, params: Params) -> dict[str, nn.Module] | None:
+    """``module name -> module`` for the supported layers owning the measured parameters; ``None`` when a
+    parameter lives elsewhere."""
+    owners: dict[str, nn.Module] = {}
+    mods = dict(model.named_modules())
+    for name in params:
+        mod_name, _, leaf = name.rpartition(".")
+        mod = mods.get(mod_name)
+        if mod is None or leaf not in ("weight", "bias") or not _supported_layer(mod):
+            return None
+        owners[mod_name] = mod
+    return owners
+
+
+def _sq_norms_positions(G: Tensor, U: Tensor, UU: Tensor | None = None) -> Tensor:
+    """``sum_i ||G_i U_i^T||_F^2`` for ``G`` (n, O, P) and ``U`` (n, I, P): directly (``n O I P`` flops) or
+    through the Gram matrices over positions (``n P^2 (O + I)``; ``UU = U^T U`` may be given), the cheaper."""
+    n, n_out, P = G.shape
+    n_in = U.shape[1]
+    total = 0.0
+    if P * P * (n_out + n_in) < n_out * n_in * P:
+        A = UU if UU is not None else torch.bmm(U.transpose(1, 2), U)
+        B = torch.bmm(G.transpose(1, 2), G)
+        return torch.dot(A.reshape(-1), B.reshape(-1)).double()
+    step = max(1, CHUNK_NUMBERS // max(1, n_out * n_in))
+    for i in range(0, n, step):
+        W = torch.bmm(G[i : i + step], U[i : i + step].transpose(1, 2)).reshape(-1)
+        total += torch.dot(W, W).double()
+    return total
+
+
+def _layers_batch(
+    parts: NetworkParts,
+    kind: str,
+    params: Params,
+    owners: dict[str, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    w: float,
+) -> tuple[dict[str, Tensor], int] | None:
+    """Per-parameter ``sum_i ||J_i^T S_i||^2`` of one batch by per-layer closed forms; ``None`` when a layer
+    ran other than once. One backward pass to the layers' outputs per column of ``S``."""
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    calls = dict.fromkeys(owners, 0)
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            calls[name] += 1
+            inputs[name] = inp[0].detach()
+            outputs[name] = out
+
+        return fn
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in owners.items()]
+    try:
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            out = _forward(parts, p, x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(c != 1 for c in calls.values()):
+        return None
+    S = _factor(kind, out.detach(), y, w)
+    names = list(owners)
+    targets = [outputs[m] for m in names]
+    prep = {m: _layer_inputs(owners[m], inputs[m]) for m in names}
+    sq: dict[str, Tensor] = {}
+    K = S.shape[2]
+    for k in range(K):
+        cot = S[:, :, k].reshape(out.shape)
+        grads = torch.autograd.grad(out, targets, grad_outputs=cot, retain_graph=k < K - 1, allow_unused=True)
+        for m, g in zip(names, grads, strict=True):
+            if g is None:
+                continue
+            for leaf, value in _layer_sq_norms(owners[m], prep[m], g.detach()).items():
+                name = f"{m}.{leaf}"
+                if name in params:
+                    sq[name] = sq[name] + value if name in sq else value
+    return sq, S.shape[1]
+
+
+def _layer_inputs(mod: nn.Module, a: Tensor) -> dict[str, Tensor]:
+    """What the closed form of ``mod`` needs from its input ``a``, computed once per batch."""
+    n = a.shape[0]
+    if isinstance(mod, nn.Linear):
+        if a.dim() == 2:
+            return {"a2": (a * a).sum(-1)}
+        U = a.reshape(n, -1, a.shape[-1]).transpose(1, 2)
+        return {"U": U, "UU": torch.bmm(U.transpose(1, 2), U)}
+    if isinstance(mod, nn.Conv2d):
+        U = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        return {"U": U}
+    shape = [1, -1] + [1] * (a.dim() - 2)
+    xhat = (a - mod.running_mean.reshape(shape)) / torch.sqrt(mod.running_var.reshape(shape) + mod.eps)
+    return {"xhat": xhat}
+
+
+def _layer_sq_norms(mod: nn.Module, prep: dict[str, Tensor], g: Tensor) -> dict[str, Tensor]:
+    """Per-sample squared gradient norms of ``mod``'s parameters, summed over the samples, for one column:
+    ``g`` (n, ...) is the gradient at the layer's output, ``prep`` from :func:`_layer_inputs`."""
+    n = g.shape[0]
+    if isinstance(mod, nn.Linear):
+        if "a2" in prep:
+            gg = (g * g).sum(-1)
+            return {"weight": torch.dot(gg, prep["a2"]).double(), "bias": gg.sum().double()}
+        G = g.reshape(n, -1, g.shape[-1]).transpose(1, 2)
+        gb = G.sum(-1).reshape(-1)
+        return {"weight": _sq_norms_positions(G, prep["U"], prep["UU"]), "bias": torch.dot(gb, gb).double()}
+    if isinstance(mod, nn.Conv2d):
+        G = g.reshape(n, g.shape[1], -1)
+        gb = G.sum(-1).reshape(-1)
+        return {"weight": _sq_norms_positions(G, prep["U"]), "bias": torch.dot(gb, gb).double()}
+    dims = tuple(range(2, g.dim()))
+    gw = ((g * prep["xhat"]).sum(dims) if dims else g * prep["xhat"]).reshape(-1)
+    gb = (g.sum(dims) if dims else g).reshape(-1)
+    return {"weight": torch.dot(gw, gw).double(), "bias": torch.dot(gb, gb).double()}
+
+
 # ----------------------------------------------------------------------------------- applicability
 _LINEAR_OPS = {
     "aten.relu.default", "aten.leaky_relu.default", "aten.hardtanh.default", "aten.threshold.default",
     "aten.max_pool1d_with_indices.default", "aten.max_pool2d_with_indices.default",
     "aten.max_pool3d_with_indices.default", "aten.max_pool2d.default", "aten.avg_pool1d.default",
     "aten.avg_pool2d.default", "aten.avg_pool3d.default", "aten._adaptive_avg_pool2d.default",
-    "aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool3d.default", "aten.adaptive_max_pool2d.default",
+    "aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool3d.default",
+    "aten.adaptive_max_pool2d.default",
     "aten.add.Tensor", "aten.sub.Tensor", "aten.neg.default", "aten.view.default", "aten.reshape.default",
     "aten._unsafe_view.default", "aten.permute.default", "aten.transpose.int", "aten.t.default",
     "aten.expand.default", "aten.clone.default", "aten.contiguous.default", "aten.squeeze.dim",
