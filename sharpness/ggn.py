@@ -90,6 +90,16 @@ def network_of(obj: Any) -> tuple[NetworkParts | None, FunctionalLoss | None]:
     return fl.network, fl
 
 
+def outputs_per_sample(fl: FunctionalLoss) -> int:
+    """Outputs of one sample (``C``): the columns of ``S_i``. Cost: one forward pass of one sample."""
+    parts = fl.network
+    if parts is None:
+        raise SharpnessInputError("no network behind this loss")
+    x = parts.batches[0][0]
+    with training_flags(parts.model, False), torch.no_grad():
+        return int(_forward(parts, fl.params, x[:1]).numel())
+
+
 def _factor(kind: str, out: Tensor, y: Tensor, weight: float) -> Tensor:
     """``S_i`` (n, C, K) with ``S_i S_i^T = Lambda_i`` for outputs ``out`` (n, C) of one batch whose loss
     enters ``L`` with ``weight``."""
