@@ -49,6 +49,9 @@ MIN_PROBES = 10
 DEFAULT_RTOL = 0.02
 #: Cap on probes when stopping on accuracy without ``n_probes``.
 DEFAULT_MAX_PROBES = 1000
+#: ``auto`` keeps ``ggn+hutchinson`` unless the pilot variance of plain Hutchinson is at most this times
+#: that of ``z^T (H - G) z`` (a JVP costs about half an HVP: 1.5x the cost per probe).
+SWITCH_RATIO = 1.5
 METHODS = ("auto", "exact-ggn", "ggn+hutchinson", "xtrace", "hutchinson", "hutch++")
 
 
@@ -100,21 +103,16 @@ def _hutchinson(
     batch: int,
     stop: Callable[[float, float], bool] | None,
     Q: Tensor | None = None,
-    fl: FunctionalLoss | None = None,
 ) -> tuple[list[float], bool]:
-    """Up to ``n`` samples ``w^T H w`` (``w = z``, or ``(I - QQ^T) z``; with ``fl``: ``z^T (H - G) z``),
-    ``batch`` per block; ``stop(mean, se)`` is asked after each block once ``MIN_PROBES`` samples exist.
-    Cost: 1 HVP per sample (and 1 JVP with ``fl``)."""
+    """Up to ``n`` samples ``w^T H w`` (``w = z``, or ``(I - QQ^T) z``), ``batch`` per block;
+    ``stop(mean, se)`` is asked after each block once ``MIN_PROBES`` samples exist. Cost: 1 HVP per sample."""
     samples: list[float] = []
     while len(samples) < n:
         b = min(batch, n - len(samples))
         Z = rademacher(gen, op.num_params, b, op.dtype, op.device)
         if Q is not None:
             Z = Z - Q @ (Q.T @ Z)
-        quad = _quad_forms(Z, op.matmat(Z))
-        if fl is not None:
-            quad = [q - float(g) for q, g in zip(quad, ggn_quadratic_forms(fl, Z), strict=True)]
-        samples += quad
+        samples += _quad_forms(Z, op.matmat(Z))
         if stop is not None and len(samples) >= MIN_PROBES and stop(*_mean_stderr(samples)):
             return samples, True
     return samples, False
@@ -175,6 +173,7 @@ def hessian_trace(
             return se == 0.0 or se < rtol * abs(mean)
 
     extra: dict[str, Any] = {}
+    requested = method
     try:
         method, why = choose_method(op, method, cap)
         extra["why"] = why
@@ -197,10 +196,19 @@ def hessian_trace(
                 def stop_total(mean: float, se: float) -> bool:
                     return stop(g.value + mean, se)  # type: ignore[misc]
 
-                samples, hit = _hutchinson(op, gen, cap, batch, stop_total if stop else None, fl=fl)
+                samples, hit, kept, n_jvp = _ggn_hutchinson(
+                    op, fl, gen, cap, batch, stop, g.value, adaptive=requested == "auto"
+                )
                 mean, stderr = _mean_stderr(samples)
-                value = g.value + mean
-                extra["n_jvp"] = len(samples)
+                extra["n_jvp"] = n_jvp
+                if kept:
+                    value = g.value + mean
+                else:
+                    value, method = mean, "hutchinson"
+                    extra["why"] += (
+                        f"; after {MIN_PROBES} probes Var(z^T H z) <= {SWITCH_RATIO} Var(z^T (H - G) z): "
+                        "plain Hutchinson on the same probes"
+                    )
     finally:
         release(op, created)
     settings = dict(
@@ -223,6 +231,40 @@ def hessian_trace(
         seed=int(seed),
         device=str(op.device),
     )
+
+
+def _ggn_hutchinson(
+    op: Any,
+    fl: FunctionalLoss,
+    gen: torch.Generator,
+    n: int,
+    batch: int,
+    stop: Callable[[float, float], bool] | None,
+    tr_g: float,
+    adaptive: bool,
+) -> tuple[list[float], bool, bool, int]:
+    """Up to ``n`` samples ``z^T (H - G) z`` (1 HVP + 1 JVP each); ``stop(tr_g + mean, se)`` after each block
+    once ``MIN_PROBES`` are in. ``adaptive``: after ``MIN_PROBES`` probes, if ``Var(z^T H z) <=
+    SWITCH_RATIO Var(z^T (H - G) z)`` (far from a minimum the residual term is not small), continue with plain
+    Hutchinson on the same probes (no more JVPs). Returns samples, stopped, kept the GGN split, JVPs spent."""
+    h: list[float] = []
+    r: list[float] = []
+    kept = True
+    while len(h) < n:
+        b = min(batch, n - len(h))
+        Z = rademacher(gen, op.num_params, b, op.dtype, op.device)
+        quad = _quad_forms(Z, op.matmat(Z))
+        h += quad
+        if kept:
+            r += [q - float(g) for q, g in zip(quad, ggn_quadratic_forms(fl, Z), strict=True)]
+        if adaptive and kept and len(h) >= MIN_PROBES:
+            kept = bool(np.var(h, ddof=1) > SWITCH_RATIO * np.var(r, ddof=1))
+            adaptive = False
+        if stop is not None and len(h) >= MIN_PROBES:
+            mean, se = _mean_stderr(r if kept else h)
+            if stop(tr_g + mean if kept else mean, se):
+                return (r if kept else h), True, kept, len(r)
+    return (r if kept else h), False, kept, len(r)
 
 
 def choose_method(op: Any, method: str, cap: int) -> tuple[str, str]:
@@ -294,6 +336,12 @@ def _xtrace_estimates(W: Tensor, AW: Tensor, op: Any, batch: int) -> list[float]
     Cost: ``k`` products (``A Q``), the rest in float64 linear algebra.
     """
     Q, R = torch.linalg.qr(AW.double())
+    diag = R.diagonal().abs()
+    if float(diag.min()) <= 1e-12 * float(diag.max()):
+        raise SharpnessInputError(
+            f"xtrace: the {W.shape[1]} sketched columns A W are linearly dependent (the operator has lower "
+            "rank than the sketch); use hutch++ or fewer products"
+        )
     AQ = apply_blocks(op, Q.to(op.dtype), batch).double()
     T = Q.T @ AQ  # Q^T A Q
     S = torch.linalg.inv(R.T)
