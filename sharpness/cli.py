@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     )
     settings = ReportSettings(
         probes=args.probes,
+        rtol=args.rtol or None,
+        max_probes=args.max_probes,
+        trace_method=args.trace_method,
         top_k=args.top_k,
         sigmas=list(args.sigmas),
         rhos=list(args.rhos),

@@ -52,7 +52,7 @@ ARCH_SRC = textwrap.dedent(
     """
 )
 MOD = "cli_test_arch"
-FAST = ["--samples", "40", "--probes", "8", "--no-progress"]
+FAST = ["--samples", "40", "--probes", "8", "--rtol", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -410,7 +410,8 @@ def test_per_layer_traces_match_the_exact_blocks(tmp_path, capsys):
     assert set(got["metrics"]["layers"]) == set(blocks)
     for name, exact in blocks.items():
         r = got["metrics"]["layers"][name]
-        assert abs(r["value"] - float(exact)) < 4 * r["stderr"], (name, r["value"], float(exact))
+        # layer 3 enters the outputs linearly: certified exact (stderr 0); layer 1 is estimated
+        assert abs(r["value"] - float(exact)) <= max(4 * r["stderr"], 1e-10 * abs(float(exact))), name
     assert re.search(r"layer 1: Tr H_ll .*1\.weight, 1\.bias \(195 params\)", out)
     assert "sum of layer traces" in out
 
@@ -523,7 +524,7 @@ def _api_agrees_with_demo_report(model, out: str, doc: dict) -> None:
     data = load_dataset("digits", split="test").batches(512)
     loss = F.cross_entropy
     table = rows(out)
-    tr = hessian_trace(model, loss, data, n_probes=100, seed=0)
+    tr = hessian_trace(model, loss, data, rtol=0.02, max_probes=1000, seed=0)  # the CLI defaults
     assert table["Hessian trace Tr H"] == (fmt_value(tr.value), fmt_err(tr.stderr))
     eig = top_eigenvalues(model, loss, data, k=5, seed=0)
     for i, lam in enumerate(eig.values):
