@@ -171,7 +171,7 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None, backend: str = "a
     d = sum(v.numel() for v in params.values())
     per = {k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in params.items()}
     n_samples, n_out = 0, 0
-    owners = None if backend == "vmap" else _layer_owners(parts.model, params)
+    owners = None if backend == "vmap" else layer_owners(parts.model, params)
     if backend == "layers" and owners is None:
         raise SharpnessInputError("backend='layers' needs every parameter in a Linear, Conv2d or BatchNorm")
     used = "layers" if owners is not None else "vmap"
@@ -220,25 +220,34 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None, backend: str = "a
     )
 
 
-def ggn_quadratic_forms(fl: FunctionalLoss, Z: Tensor) -> Tensor:
-    """``z^T G z = sum_b w_b sum_i ||S_i^T J_i z||^2`` for each column of ``Z`` (d, k), in float64.
+def ggn_quadratic_forms(fl: FunctionalLoss, Z: Tensor, cache: dict[int, Tensor] | None = None) -> Tensor:
+    """``z^T G z = sum_b w_b sum_i u_i^T Lambda_i u_i`` with ``u_i = J_i z`` for each column of ``Z`` (d, k),
+    in float64: cross-entropy ``c (sum_k p_k u_k^2 - (sum_k p_k u_k)^2)``, squared error ``2c ||u||^2``.
 
     Cost: one Jacobian-vector product (forward mode) of the batch outputs per column and batch, about one
-    gradient each.
+    gradient each. ``cache``: a dict the caller keeps between calls at the same point; it holds the softmax
+    of each batch's outputs, so they are not recomputed.
     """
     parts, kind = _require(fl.network, "the Gauss-Newton quadratic form")
     params = {k: v.detach() for k, v in fl.params.items()}
     total = torch.zeros(Z.shape[1], dtype=torch.float64, device=Z.device)
+    cache = {} if cache is None else cache
     with training_flags(parts.model, False), torch.no_grad():
-        for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+        for b, (w, (x, _)) in enumerate(zip(fl.weights or [1.0], parts.batches, strict=True)):
             f = lambda p, x=x: _forward(parts, p, x)
-            S = None
             for j in range(Z.shape[1]):
-                out, Jz = jvp(f, (params,), (unflatten(Z[:, j].to(fl.dtype), params),))
-                if S is None:
-                    S = _factor(kind, out, y, float(w))
-                u = torch.einsum("nck,nc->nk", S.double(), Jz.reshape(Jz.shape[0], -1).double())
-                total[j] += (u * u).sum()
+                out, Ju = jvp(f, (params,), (unflatten(Z[:, j].to(fl.dtype), params),))
+                u = Ju.reshape(Ju.shape[0], -1).double()
+                n, C = u.shape
+                if kind.startswith("ce"):
+                    if b not in cache:
+                        cache[b] = torch.softmax(out.detach().reshape(n, -1).double(), dim=1)
+                    p = cache[b]
+                    c = float(w) / n if kind == "ce-mean" else float(w)
+                    total[j] += c * ((p * u * u).sum() - ((p * u).sum(1) ** 2).sum())
+                else:
+                    c = 2 * float(w) / (n * C) if kind == "mse-mean" else 2 * float(w)
+                    total[j] += c * (u * u).sum()
     return total
 
 
@@ -260,7 +269,7 @@ def _supported_layer(mod: nn.Module) -> bool:
     return False
 
 
-def _layer_owners(model: nn.Module, params: Params) -> dict[str, nn.Module] | None:
+def layer_owners(model: nn.Module, params: Params) -> dict[str, nn.Module] | None:
     """``module name -> module`` for the supported layers owning the measured parameters; ``None`` when a
     parameter lives elsewhere."""
     owners: dict[str, nn.Module] = {}
@@ -275,20 +284,21 @@ def _layer_owners(model: nn.Module, params: Params) -> dict[str, nn.Module] | No
 
 
 def _sq_norms_positions(G: Tensor, U: Tensor, UU: Tensor | None = None) -> Tensor:
-    """``sum_i ||G_i U_i^T||_F^2`` for ``G`` (n, O, P) and ``U`` (n, I, P): directly (``n O I P`` flops) or
-    through the Gram matrices over positions (``n P^2 (O + I)``; ``UU = U^T U`` may be given), the cheaper."""
+    """Per-sample ``||G_i U_i^T||_F^2`` (n,) for ``G`` (n, O, P) and ``U`` (n, I, P): directly (``n O I P``
+    flops) or through the Gram matrices over positions (``n P^2 (O + I)``; ``UU = U^T U`` may be given), the
+    cheaper."""
     n, n_out, P = G.shape
     n_in = U.shape[1]
-    total = 0.0
     if P * P * (n_out + n_in) < n_out * n_in * P:
         A = UU if UU is not None else torch.bmm(U.transpose(1, 2), U)
         B = torch.bmm(G.transpose(1, 2), G)
-        return torch.dot(A.reshape(-1), B.reshape(-1)).double()
+        return (A * B).sum((1, 2)).double()
     step = max(1, CHUNK_NUMBERS // max(1, n_out * n_in))
+    parts = []
     for i in range(0, n, step):
-        W = torch.bmm(G[i : i + step], U[i : i + step].transpose(1, 2)).reshape(-1)
-        total += torch.dot(W, W).double()
-    return total
+        W = torch.bmm(G[i : i + step], U[i : i + step].transpose(1, 2))
+        parts.append((W * W).sum((1, 2)).double())
+    return torch.cat(parts)
 
 
 def _layers_batch(
@@ -339,7 +349,7 @@ def _layers_batch(
             for leaf, value in _layer_sq_norms(owners[m], prep[m], g.detach()).items():
                 name = f"{m}.{leaf}"
                 if name in params:
-                    sq[name] = sq[name] + value if name in sq else value
+                    sq[name] = sq[name] + value.sum() if name in sq else value.sum()
     return sq, S.shape[1]
 
 
@@ -360,24 +370,24 @@ def _layer_inputs(mod: nn.Module, a: Tensor) -> dict[str, Tensor]:
 
 
 def _layer_sq_norms(mod: nn.Module, prep: dict[str, Tensor], g: Tensor) -> dict[str, Tensor]:
-    """Per-sample squared gradient norms of ``mod``'s parameters, summed over the samples, for one column:
-    ``g`` (n, ...) is the gradient at the layer's output, ``prep`` from :func:`_layer_inputs`."""
+    """Per-sample squared gradient norms (n,) of ``mod``'s parameters for one cotangent: ``g`` (n, ...) is the
+    gradient at the layer's output, ``prep`` from :func:`_layer_inputs`."""
     n = g.shape[0]
     if isinstance(mod, nn.Linear):
         if "a2" in prep:
             gg = (g * g).sum(-1)
-            return {"weight": torch.dot(gg, prep["a2"]).double(), "bias": gg.sum().double()}
+            return {"weight": (gg * prep["a2"]).double(), "bias": gg.double()}
         G = g.reshape(n, -1, g.shape[-1]).transpose(1, 2)
-        gb = G.sum(-1).reshape(-1)
-        return {"weight": _sq_norms_positions(G, prep["U"], prep["UU"]), "bias": torch.dot(gb, gb).double()}
+        gb = G.sum(-1)
+        return {"weight": _sq_norms_positions(G, prep["U"], prep["UU"]), "bias": (gb * gb).sum(1).double()}
     if isinstance(mod, nn.Conv2d):
         G = g.reshape(n, g.shape[1], -1)
-        gb = G.sum(-1).reshape(-1)
-        return {"weight": _sq_norms_positions(G, prep["U"]), "bias": torch.dot(gb, gb).double()}
+        gb = G.sum(-1)
+        return {"weight": _sq_norms_positions(G, prep["U"]), "bias": (gb * gb).sum(1).double()}
     dims = tuple(range(2, g.dim()))
-    gw = ((g * prep["xhat"]).sum(dims) if dims else g * prep["xhat"]).reshape(-1)
-    gb = (g.sum(dims) if dims else g).reshape(-1)
-    return {"weight": torch.dot(gw, gw).double(), "bias": torch.dot(gb, gb).double()}
+    gw = (g * prep["xhat"]).sum(dims) if dims else g * prep["xhat"]
+    gb = g.sum(dims) if dims else g
+    return {"weight": (gw * gw).sum(1).double(), "bias": (gb * gb).sum(1).double()}
 
 
 # ----------------------------------------------------------------------------------- applicability
@@ -426,10 +436,15 @@ _BATCH_NORM_TRAINING_ARG = {"aten.native_batch_norm.default": 5, "aten.cudnn_bat
 
 @dataclass
 class Applicability:
-    """Whether ``Tr H = Tr G`` exactly, and why (``reason``: one line)."""
+    """Whether ``Tr H = Tr G`` exactly (or, with smooth activations allowed, ``Tr H = Tr G + activation
+    term``), and why (``reason``: one line). ``sites``: smooth activation op -> calls on parameter-dependent
+    tensors, over all batches; ``units``: their outputs per sample, summed (the backward passes of
+    :func:`activation_trace` per batch)."""
 
     exact: bool
     reason: str
+    sites: dict[str, int] = field(default_factory=dict)
+    units: int = 0
 
 
 def _deps(arg: Any, deps: dict[Any, frozenset[int]]) -> frozenset[int]:
@@ -443,7 +458,21 @@ def _deps(arg: Any, deps: dict[Any, frozenset[int]]) -> frozenset[int]:
     return frozenset()
 
 
-def _graph_is_piecewise_linear(gm: torch.fx.GraphModule, n_params: int) -> tuple[bool, str]:
+#: elementwise smooth activations whose second-order term :func:`activation_trace` computes: aten op -> module
+_SMOOTH_OPS: dict[str, type[nn.Module]] = {
+    "aten.tanh.default": nn.Tanh,
+    "aten.sigmoid.default": nn.Sigmoid,
+    "aten.gelu.default": nn.GELU,
+    "aten.softplus.default": nn.Softplus,
+}
+
+
+def _graph_is_piecewise_linear(
+    gm: torch.fx.GraphModule, n_params: int, sites: dict[str, int] | None = None
+) -> tuple[bool, str, int]:
+    """The rule of the module docstring on one recorded graph; with ``sites``, elementwise smooth activations
+    are allowed and counted (returned: units per sample)."""
+    units = 0
     deps: dict[Any, frozenset[int]] = {}
     k = 0
     for node in gm.graph.nodes:
@@ -461,24 +490,35 @@ def _graph_is_piecewise_linear(gm: torch.fx.GraphModule, n_params: int) -> tuple
         name = "<built-in function getitem>" if node.target is operator.getitem else str(node.target)
         if name in _LINEAR_OPS:
             continue
+        if sites is not None and name in _SMOOTH_OPS and not node.kwargs.get("approximate"):
+            sites[name] = sites.get(name, 0) + 1
+            val = node.meta.get("val")
+            units += int(val.numel() // max(1, val.shape[0])) if val is not None and val.dim() else 1
+            continue
         if name not in _BILINEAR_OPS:
-            return False, f"the forward pass applies {name} to a parameter-dependent tensor"
+            return False, f"the forward pass applies {name} to a parameter-dependent tensor", units
         if name in _BATCH_NORM_TRAINING_ARG and bool(node.args[_BATCH_NORM_TRAINING_ARG[name]]):
-            return False, "BatchNorm uses batch statistics (train mode)"
+            return False, "BatchNorm uses batch statistics (train mode)", units
         for pos in _FIXED.get(name, ()):
             if pos < len(node.args) and _deps(node.args[pos], deps):
-                return False, f"{name} divides by (or normalises with) a parameter-dependent tensor"
+                return False, f"{name} divides by (or normalises with) a parameter-dependent tensor", units
         a, b = _BILINEAR_OPS[name]
         if a != b and a < len(node.args) and b < len(node.args):
             if _deps(node.args[a], deps) & _deps(node.args[b], deps):
-                return False, f"{name} multiplies two tensors that depend on the same parameter"
-    return True, "every parameter-dependent operation is piecewise linear or bilinear in disjoint parameters"
+                return False, f"{name} multiplies two tensors that depend on the same parameter", units
+    return (
+        True,
+        "every parameter-dependent operation is piecewise linear or bilinear in disjoint parameters",
+        units,
+    )
 
 
-def piecewise_linear(fl: FunctionalLoss) -> Applicability:
+def piecewise_linear(fl: FunctionalLoss, smooth: bool = False) -> Applicability:
     """Whether ``Tr H = Tr G`` holds exactly for this loss (the rule is in the module docstring).
 
-    Cost: one recorded forward pass (``make_fx``) per batch; no derivatives.
+    ``smooth=True``: also allow elementwise Tanh, Sigmoid, GELU (exact form) and Softplus on
+    parameter-dependent tensors; ``exact`` then means ``Tr H = Tr G + activation_trace`` (``sites`` counts
+    them). Cost: one recorded forward pass (``make_fx``) per batch; no derivatives.
     """
     parts = fl.network
     if parts is None:
@@ -491,13 +531,117 @@ def piecewise_linear(fl: FunctionalLoss) -> Applicability:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     params = {k: v.detach() for k, v in fl.params.items()}
+    sites: dict[str, int] | None = {} if smooth else None
+    units = 0
     with training_flags(parts.model, False), torch.no_grad():
         for i, (x, _) in enumerate(parts.batches):
             try:
                 gm = make_fx(lambda p, x: _forward(parts, p, x))(params, x)
             except Exception as exc:  # noqa: BLE001 - a forward we cannot record is not certified
                 return Applicability(False, f"could not record the forward pass on batch {i}: {exc!s:.120}")
-            ok, why = _graph_is_piecewise_linear(gm, len(params))
+            ok, why, units = _graph_is_piecewise_linear(gm, len(params), sites)
             if not ok:
                 return Applicability(False, why)
-    return Applicability(True, f"{kind} loss; {why}")
+    if sites:
+        names = ", ".join(f"{k.split('.')[1]} x{v}" for k, v in sites.items())
+        why = f"piecewise linear or bilinear except elementwise {names} ({units} units per sample)"
+    return Applicability(True, f"{kind} loss; {why}", sites or {}, units)
+
+
+def _second_derivative(mod: nn.Module, z: Tensor) -> Tensor:
+    """``sigma''(z)`` of an elementwise activation module."""
+    if isinstance(mod, nn.Tanh):
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+    if isinstance(mod, nn.Sigmoid):
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (1 - 2 * s)
+    if isinstance(mod, nn.Softplus):
+        s = torch.sigmoid(mod.beta * z)
+        return torch.where(mod.beta * z > mod.threshold, torch.zeros_like(z), mod.beta * s * (1 - s))
+    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # GELU, exact form: d2/dz2 z Phi(z)
+    return phi * (2 - z * z)
+
+
+def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, int]:
+    """The diagonal's second-order term of the elementwise activations ``h = sigma(z)``:
+
+        Tr H - Tr G = sum_sites sum_{i,a} (dL/dh_ia) sigma''(z_ia) ||d z_ia / d theta||^2
+
+    (the only nonzero second derivatives on the diagonal when every other parameter-dependent operation is
+    piecewise linear or bilinear in disjoint parameters, as ``cert = piecewise_linear(fl, smooth=True)``
+    says). ``||d z_ia / d theta||^2`` per sample by the per-layer closed forms, one backward pass from unit
+    ``a`` of the site (all samples at once, weighted by ``sqrt|c_ia|``). Cost: ``cert.units`` backward passes
+    per batch plus one gradient. Returns the term and the backward passes spent.
+    """
+    parts, _ = _require(fl.network, "the activation term")
+    params = {k: v.detach() for k, v in fl.params.items()}
+    owners = layer_owners(parts.model, params)
+    if owners is None:
+        raise SharpnessInputError(
+            "the activation term needs every parameter in a Linear, Conv2d or BatchNorm"
+        )
+    acts = [m for m in parts.model.modules() if type(m) in _SMOOTH_OPS.values()]
+    total = torch.zeros((), dtype=torch.float64)
+    passes = 0
+    seen: dict[str, int] = {}
+    op_of = {v: k for k, v in _SMOOTH_OPS.items()}
+    with training_flags(parts.model, False):
+        for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+            inputs: dict[str, Tensor] = {}
+            outputs: dict[str, Tensor] = {}
+            calls: list[tuple[nn.Module, Tensor, Tensor]] = []
+
+            def layer_hook(name: str) -> Callable[..., None]:
+                def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+                    inputs[name], outputs[name] = inp[0].detach(), out
+
+                return fn
+
+            def act_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+                if inp[0].requires_grad:
+                    calls.append((mod, inp[0], out))
+
+            handles = [m.register_forward_hook(layer_hook(n)) for n, m in owners.items()]
+            handles += [m.register_forward_hook(act_hook) for m in acts]
+            try:
+                p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                with torch.enable_grad():
+                    out = _forward(parts, p, x)
+                    loss = float(w) * parts.loss_fn(out, y)
+            finally:
+                for h in handles:
+                    h.remove()
+            for mod, _, _ in calls:
+                key = op_of[type(mod)]
+                seen[key] = seen.get(key, 0) + 1
+            if not calls:
+                continue
+            deltas = torch.autograd.grad(loss, [h for _, _, h in calls], retain_graph=True)
+            names = list(owners)
+            targets = [outputs[m] for m in names]
+            prep = {m: _layer_inputs(owners[m], inputs[m]) for m in names}
+            for (mod, z, _), delta in zip(calls, deltas, strict=True):
+                c = (delta * _second_derivative(mod, z.detach())).detach().reshape(z.shape[0], -1)
+                root, sign = c.abs().sqrt(), torch.sign(c).double()
+                for a in range(c.shape[1]):
+                    if not bool((c[:, a] != 0).any()):
+                        continue
+                    cot = torch.zeros_like(c)
+                    cot[:, a] = root[:, a]
+                    grads = torch.autograd.grad(
+                        z, targets, grad_outputs=cot.reshape(z.shape), retain_graph=True, allow_unused=True
+                    )
+                    passes += 1
+                    for m, g in zip(names, grads, strict=True):
+                        if g is None:
+                            continue
+                        for leaf, value in _layer_sq_norms(owners[m], prep[m], g.detach()).items():
+                            if f"{m}.{leaf}" in params:
+                                total += (sign[:, a] * value).sum()
+    if seen != cert.sites:
+        raise SharpnessInputError(
+            f"the activation modules ran {seen} times but the recorded forward pass has {cert.sites}: an "
+            "activation is applied as a function, not a module"
+        )
+    return float(total), passes

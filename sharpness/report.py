@@ -28,8 +28,9 @@ from .trace import hessian_trace
 #: name -> one line: what it computes (formula) and what it costs. ``--help`` prints these.
 METRICS: dict[str, str] = {
     "loss": "L(w) = mean_i loss(f(x_i; w), y_i), and the accuracy; 1 forward pass",
-    "trace": "Tr H +- stderr: exact Tr G for piecewise-linear nets (C backward passes, no HVP), else Tr G "
-    "+ mean of z^T (H - G) z over Rademacher z (Hutchinson) until stderr < RTOL |Tr H|; HVP + JVP per probe",
+    "trace": "Tr H +- stderr: exact for piecewise-linear nets (Tr G, C backward passes) and MLP-like nets "
+    "with tanh/sigmoid/GELU/softplus (+ 1 pass per unit), else Tr G + mean of z^T (H - G) z over Rademacher "
+    "z (Hutchinson) until stderr < RTOL |Tr H|; HVP + JVP per probe",
     "eigs": "top-K eigenvalues of H (Lanczos, to 1e-4 relative), residuals ||Hv - lambda v||; ~20-100 HVPs",
     "density": "eigenvalue density of H (stochastic Lanczos quadrature, 10 runs x 80 steps); 800 HVPs",
     "avg-sam": "E_{eps~N(0,sigma^2 I)} L(w+eps) sampled +- stderr, and L + sigma^2/2 Tr H; PROBES fwd/sigma",
@@ -275,6 +276,8 @@ def trace_note(t: Any) -> str:
     """The table's note on a trace: method, cost, achieved relative error against the target."""
     if t.method == "exact-ggn":
         return f"exact: Tr H = Tr G (piecewise-linear net), {t.n_backward} backward passes, 0 HVPs"
+    if t.method == "exact":
+        return f"exact: Tr G + smooth activations' term, {t.n_backward} backward passes, 0 HVPs"
     cost = f"{t.n_probes} probes, {t.n_hvp} HVPs" + (f" + {t.n_jvp} JVPs" if t.n_jvp else "")
     head = "exact Tr G + Hutchinson on H - G" if t.method == "ggn+hutchinson" else t.method
     rel = abs(t.stderr / t.value) if t.value else float("inf")

@@ -6,6 +6,10 @@ Methods (``method=``):
   cross-entropy or squared-error loss (certified by :func:`sharpness.ggn.piecewise_linear`; refused
   otherwise), with ``Tr G`` computed exactly by :func:`sharpness.ggn.ggn_trace`. ``stderr = 0``. Cost: one
   backward pass per output column (``C`` per batch), no HVP.
+- ``"exact"``: ``Tr H = Tr G + sum_sites sum_{i,a} (dL/dh_ia) sigma''(z_ia) ||dz_ia/dtheta||^2`` for networks
+  that are piecewise linear except for elementwise smooth activations ``h = sigma(z)`` (Tanh, Sigmoid, GELU,
+  Softplus modules; :func:`sharpness.ggn.activation_trace`). ``stderr = 0``. Cost: ``C`` plus one backward
+  pass per activation unit of a sample (an MLP's hidden widths), per batch.
 - ``"ggn+hutchinson"``: ``Tr H = Tr G + E[z^T (H - G) z]``: exact ``Tr G`` plus Hutchinson on ``H - G``,
   whose variance ``2 ||H - G||_F^2`` (Rademacher: minus the diagonal part) is small near a minimum where the
   residual term ``sum_i (dl_i/df_i) nabla^2 f_i`` is small. Cost: ``Tr G`` plus, per probe, 1 HVP and 1 JVP.
@@ -15,9 +19,9 @@ Methods (``method=``):
   the mean of the ``k`` exchangeable estimates, ``stderr = std_i / sqrt(k)`` (the paper's error estimate).
   Cost: ``2k`` products; with ``rtol``, ``k`` doubles (reusing ``A W``) until it is met.
 - ``"hutchinson"``, ``"hutch++"``: below.
-- ``"auto"`` (default): ``exact-ggn`` when certified, else ``ggn+hutchinson`` when the loss has a network
-  behind it with a known loss Hessian and ``Tr G``'s ``C`` backward passes fit the product cap, else
-  ``hutchinson``.
+- ``"auto"`` (default): ``exact-ggn`` when certified; else ``exact`` when certified with smooth activations
+  and its backward passes fit twice the product cap; else ``ggn+hutchinson`` when the loss has a network
+  behind it with a known loss Hessian and ``Tr G``'s ``C`` backward passes fit, else ``hutchinson``.
 
 
 Hutchinson: ``Tr H = E[z^T H z]`` for Rademacher ``z`` (entries +-1), so ``Tr H ~ (1/n) sum_i z_i^T H z_i``
@@ -39,7 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError
-from .ggn import ggn_quadratic_forms, ggn_trace, loss_kind, network_of, outputs_per_sample, piecewise_linear
+from .ggn import (
+    activation_trace,
+    ggn_quadratic_forms,
+    ggn_trace,
+    layer_owners,
+    loss_kind,
+    network_of,
+    outputs_per_sample,
+    piecewise_linear,
+)
 from .operators import apply_blocks, rademacher, recorded_mode, release, resolve_operator
 from .results import Result
 
@@ -52,7 +65,7 @@ DEFAULT_MAX_PROBES = 1000
 #: ``auto`` keeps ``ggn+hutchinson`` unless the pilot variance of plain Hutchinson is at most this times
 #: that of ``z^T (H - G) z`` (a JVP costs about half an HVP: 1.5x the cost per probe).
 SWITCH_RATIO = 1.5
-METHODS = ("auto", "exact-ggn", "ggn+hutchinson", "xtrace", "hutchinson", "hutch++")
+METHODS = ("auto", "exact-ggn", "exact", "ggn+hutchinson", "xtrace", "hutchinson", "hutch++")
 
 
 @dataclass
@@ -189,13 +202,19 @@ def hessian_trace(
             _, fl = network_of(op)
             g = ggn_trace(fl)  # type: ignore[arg-type]
             extra.update(exact_part=g.value, n_backward=g.n_outputs * len(fl.network.batches))  # type: ignore[union-attr]
+            if method == "exact":
+                try:
+                    rest, passes = activation_trace(fl, piecewise_linear(fl, smooth=True))  # type: ignore[arg-type]
+                except SharpnessInputError as exc:
+                    if requested != "auto":
+                        raise
+                    method, extra["why"] = "ggn+hutchinson", f"exact not possible ({exc}); Tr G + Hutchinson"
+                else:
+                    value, stderr, samples, hit = g.value + rest, 0.0, [], True
+                    extra["n_backward"] += passes
             if method == "exact-ggn":
                 value, stderr, samples, hit = g.value, 0.0, [], True
-            else:
-
-                def stop_total(mean: float, se: float) -> bool:
-                    return stop(g.value + mean, se)  # type: ignore[misc]
-
+            elif method == "ggn+hutchinson":
                 samples, hit, kept, n_jvp = _ggn_hutchinson(
                     op, fl, gen, cap, batch, stop, g.value, adaptive=requested == "auto"
                 )
@@ -223,7 +242,7 @@ def hessian_trace(
         n_hvp=op.hvp_count - start,
         n_probes=n_sketch + len(samples),
         method=method,
-        converged=hit if (rtol is not None or method == "exact-ggn") else None,
+        converged=hit if (rtol is not None or method.startswith("exact")) else None,
         samples=samples,
         rtol=rtol,
         **extra,
@@ -250,13 +269,14 @@ def _ggn_hutchinson(
     h: list[float] = []
     r: list[float] = []
     kept = True
+    cache: dict[int, Tensor] = {}
     while len(h) < n:
         b = min(batch, n - len(h))
         Z = rademacher(gen, op.num_params, b, op.dtype, op.device)
         quad = _quad_forms(Z, op.matmat(Z))
         h += quad
         if kept:
-            r += [q - float(g) for q, g in zip(quad, ggn_quadratic_forms(fl, Z), strict=True)]
+            r += [q - float(g) for q, g in zip(quad, ggn_quadratic_forms(fl, Z, cache), strict=True)]
         if adaptive and kept and len(h) >= MIN_PROBES:
             kept = bool(np.var(h, ddof=1) > SWITCH_RATIO * np.var(r, ddof=1))
             adaptive = False
@@ -279,15 +299,19 @@ def choose_method(op: Any, method: str, cap: int) -> tuple[str, str]:
     """
     parts, fl = network_of(op)
     usable = parts is not None and loss_kind(parts.loss_fn) is not None and not parts.train_mode
-    if method in ("exact-ggn", "ggn+hutchinson") and not usable:
+    if method in ("exact-ggn", "exact", "ggn+hutchinson") and not usable:
         raise SharpnessInputError(
             f"method {method!r} needs a model in eval mode with a cross-entropy or squared-error loss "
             "(pass model, loss_fn, data or a FunctionalLoss from make_loss)"
         )
-    if method == "exact-ggn":
-        cert = piecewise_linear(fl)  # type: ignore[arg-type]
+    if method.startswith("exact"):
+        cert = piecewise_linear(fl, smooth=method == "exact")  # type: ignore[arg-type]
         if not cert.exact:
-            raise SharpnessInputError(f"exact-ggn refused: Tr H = Tr G is not certified: {cert.reason}")
+            raise SharpnessInputError(f"{method} refused: Tr H = Tr G is not certified: {cert.reason}")
+        if method == "exact" and layer_owners(parts.model, fl.params) is None:  # type: ignore[union-attr]
+            raise SharpnessInputError(
+                "exact refused: a parameter is not in a Linear, Conv2d or BatchNorm layer"
+            )
         return method, cert.reason
     if method != "auto":
         return method, "requested"
@@ -297,6 +321,10 @@ def choose_method(op: Any, method: str, cap: int) -> tuple[str, str]:
     if cert.exact:
         return "exact-ggn", cert.reason
     n_out = outputs_per_sample(fl)  # type: ignore[arg-type]
+    smooth = piecewise_linear(fl, smooth=True)  # type: ignore[arg-type]
+    owned = layer_owners(parts.model, fl.params) is not None  # type: ignore[union-attr]
+    if smooth.exact and owned and n_out + smooth.units <= 2 * cap:
+        return "exact", smooth.reason
     if n_out > 2 * cap:
         return (
             "hutchinson",

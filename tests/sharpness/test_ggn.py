@@ -227,22 +227,60 @@ def test_xtrace_against_known_spectrum() -> None:
         hessian_trace(MatrixOperator(np.diag([1.0, 2.0, 0, 0, 0, 0, 0])), n_probes=10, method="xtrace")
 
 
+class FunctionalTanh(nn.Module):
+    """A tanh MLP whose activation is a function call, invisible to module hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_exact_on_smooth_activations_equals_dense_trace(act, loss: str) -> None:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(5, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, 4)).to(DT).eval()
+    loss_fn = F.cross_entropy if loss == "ce" else nn.MSELoss()
+    batches = data_for("tanh_mlp", mse=loss == "mse")
+    H, G = dense(net, loss_fn, batches)
+    assert abs(np.trace(H) - np.trace(G)) > 1e-4 * abs(np.trace(H))  # the activation term matters here
+    r = hessian_trace(net, loss_fn, batches)
+    assert r.method == "exact" and r.stderr == 0.0 and r.n_hvp == 0 and r.converged is True
+    assert r.value == pytest.approx(float(np.trace(H)), rel=1e-10)
+    assert r.exact_part == pytest.approx(float(np.trace(G)), rel=1e-10)
+    assert r.n_backward == 2 * (4 + 6 + 5)  # per batch: C output columns + one pass per activation unit
+
+
+def test_exact_refuses_an_activation_it_cannot_hook() -> None:
+    torch.manual_seed(5)
+    net, batches = FunctionalTanh().to(DT).eval(), data_for("tanh_mlp")
+    assert piecewise_linear(make_loss(net, F.cross_entropy, batches), smooth=True).exact  # graph is fine...
+    with pytest.raises(SharpnessInputError, match="as a function"):  # ... but the hooks would miss it
+        hessian_trace(net, F.cross_entropy, batches, method="exact")
+    r = hessian_trace(net, F.cross_entropy, batches, max_probes=40)
+    assert r.method in ("ggn+hutchinson", "hutchinson") and "exact not possible" in r.why
+
+
 def test_auto_choices() -> None:
     assert hessian_trace(relu_mlp(), F.cross_entropy, data_for("relu_mlp")).method == "exact-ggn"
+    assert hessian_trace(tanh_mlp(), F.cross_entropy, data_for("tanh_mlp")).method == "exact"
+    assert hessian_trace(MatrixOperator(np.eye(5) * 2.0)).method == "hutchinson"
+    bn = hessian_trace(bn_relu_cnn(), F.cross_entropy, data_for("cnn"), train_mode=True, n_probes=12)
+    assert bn.method == "hutchinson" and "train" in bn.why
     # near a minimum (confident, correct outputs) H - G is small: exact Tr G + Hutchinson on the rest
-    fit = tanh_mlp()
+    torch.manual_seed(5)
+    fit = FunctionalTanh().to(DT).eval()
     with torch.no_grad():
-        fit[2].weight.mul_(4.0)
+        fit.b.weight.mul_(6.0)
     x = torch.cat([b[0] for b in data_for("tanh_mlp")])
     near = [(x, fit(x).argmax(1))]
     r = hessian_trace(fit, F.cross_entropy, near, max_probes=300)
     assert r.method == "ggn+hutchinson" and r.converged and r.n_jvp == r.n_probes <= 300
-    # far from it (random labels) the pilot may find plain Hutchinson cheaper; it says so
-    far = hessian_trace(tanh_mlp(), F.cross_entropy, data_for("tanh_mlp"), max_probes=50)
-    assert far.method == "ggn+hutchinson" or ("Var" in far.why and far.n_jvp == 10)
-    assert hessian_trace(MatrixOperator(np.eye(5) * 2.0)).method == "hutchinson"
-    bn = hessian_trace(bn_relu_cnn(), F.cross_entropy, data_for("cnn"), train_mode=True, n_probes=12)
-    assert bn.method == "hutchinson" and "train" in bn.why
+    H, _ = dense(fit, F.cross_entropy, near)
+    assert abs(r.value - np.trace(H)) < 4 * r.stderr
     # a tight product cap makes Tr G's C backward passes too dear: plain Hutchinson
     many = nn.Sequential(nn.Linear(5, 40), nn.Tanh()).to(DT).eval()
     x = torch.randn(6, 5, dtype=DT)
@@ -255,7 +293,7 @@ def test_auto_choices() -> None:
 
 
 def test_rtol_stopping_reports_achieved_error() -> None:
-    net, batches = tanh_mlp(), data_for("tanh_mlp")
+    net, batches = FunctionalTanh().to(DT).eval(), data_for("tanh_mlp")
     r = hessian_trace(net, F.cross_entropy, batches, method="hutchinson", rtol=0.05, max_probes=2000, seed=1)
     assert r.converged and r.stderr < 0.05 * abs(r.value) and r.rtol == 0.05
     assert 10 <= r.n_probes < 2000 and r.n_hvp == r.n_probes
