@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError
 from .ggn import (
+    Applicability,
     activation_trace,
     ggn_quadratic_forms,
     ggn_trace,
@@ -188,7 +189,7 @@ def hessian_trace(
     extra: dict[str, Any] = {}
     requested = method
     try:
-        method, why = choose_method(op, method, cap)
+        method, why, cert = choose_method(op, method, cap)
         extra["why"] = why
         if method == "hutchinson":
             samples, hit = _hutchinson(op, gen, cap, batch, stop)
@@ -204,7 +205,7 @@ def hessian_trace(
             extra.update(exact_part=g.value, n_backward=g.n_outputs * len(fl.network.batches))  # type: ignore[union-attr]
             if method == "exact":
                 try:
-                    rest, passes = activation_trace(fl, piecewise_linear(fl, smooth=True))  # type: ignore[arg-type]
+                    rest, passes = activation_trace(fl, cert)  # type: ignore[arg-type]
                 except SharpnessInputError as exc:
                     if requested != "auto":
                         raise
@@ -287,15 +288,18 @@ def _ggn_hutchinson(
     return (r if kept else h), False, kept, len(r)
 
 
-def choose_method(op: Any, method: str, cap: int) -> tuple[str, str]:
-    """The method to run for ``method`` (``"auto"`` decides) and one line saying why.
+def choose_method(op: Any, method: str, cap: int) -> tuple[str, str, Applicability | None]:
+    """The method to run for ``method`` (``"auto"`` decides), one line saying why, and the certificate
+    (``piecewise_linear(fl, smooth=True)``) when one was made.
 
     ``auto``: ``exact-ggn`` when :func:`~sharpness.ggn.piecewise_linear` certifies ``Tr H = Tr G``;
-    ``ggn+hutchinson`` when a network with a known loss Hessian is behind the operator (eval mode) and the
-    ``C`` backward passes per batch of ``Tr G`` cost no more than ``cap`` probes (a probe costs at least one
-    HVP, about two backward passes); ``hutchinson`` otherwise. An explicit GGN method on an operator without
-    a network, or ``exact-ggn`` on a network that is not certified, is refused. Cost: one recorded forward
-    pass per batch (the certificate) when a network is there.
+    ``exact`` when it certifies it up to elementwise smooth activations, every parameter sits in a Linear,
+    Conv2d or BatchNorm layer, and the ``C + units`` backward passes per batch fit ``2 cap`` (a probe costs
+    at least one HVP, about two backward passes); ``ggn+hutchinson`` when a network with a known loss
+    Hessian is behind the operator (eval mode) and the ``C`` backward passes of ``Tr G`` fit;
+    ``hutchinson`` otherwise. An explicit GGN method on an operator without a network, or an exact method on
+    a network that is not certified, is
+    refused. Cost: one recorded forward pass of two samples per batch (the certificate).
     """
     parts, fl = network_of(op)
     usable = parts is not None and loss_kind(parts.loss_fn) is not None and not parts.train_mode
@@ -304,33 +308,33 @@ def choose_method(op: Any, method: str, cap: int) -> tuple[str, str]:
             f"method {method!r} needs a model in eval mode with a cross-entropy or squared-error loss "
             "(pass model, loss_fn, data or a FunctionalLoss from make_loss)"
         )
-    if method.startswith("exact"):
-        cert = piecewise_linear(fl, smooth=method == "exact")  # type: ignore[arg-type]
-        if not cert.exact:
-            raise SharpnessInputError(f"{method} refused: Tr H = Tr G is not certified: {cert.reason}")
-        if method == "exact" and layer_owners(parts.model, fl.params) is None:  # type: ignore[union-attr]
-            raise SharpnessInputError(
-                "exact refused: a parameter is not in a Linear, Conv2d or BatchNorm layer"
-            )
-        return method, cert.reason
-    if method != "auto":
-        return method, "requested"
+    if method not in ("auto", "exact-ggn", "exact"):
+        return method, "requested", None
     if not usable:
-        return "hutchinson", "no network with a known loss Hessian behind this operator (or train mode)"
-    cert = piecewise_linear(fl)  # type: ignore[arg-type]
-    if cert.exact:
-        return "exact-ggn", cert.reason
-    n_out = outputs_per_sample(fl)  # type: ignore[arg-type]
-    smooth = piecewise_linear(fl, smooth=True)  # type: ignore[arg-type]
+        return "hutchinson", "no network with a known loss Hessian behind this operator (or train mode)", None
+    cert = piecewise_linear(fl, smooth=True)  # type: ignore[arg-type]
+    plain = cert.exact and not cert.sites
     owned = layer_owners(parts.model, fl.params) is not None  # type: ignore[union-attr]
-    if smooth.exact and owned and n_out + smooth.units <= 2 * cap:
-        return "exact", smooth.reason
+    if method == "exact-ggn" and not plain:
+        why = cert.reason if not cert.exact else f"the forward pass applies {', '.join(cert.sites)}"
+        raise SharpnessInputError(f"exact-ggn refused: Tr H = Tr G is not certified: {why}")
+    if method == "exact" and not (cert.exact and owned):
+        why = cert.reason if not cert.exact else "a parameter is not in a Linear, Conv2d or BatchNorm layer"
+        raise SharpnessInputError(f"exact refused: {why}")
+    if method != "auto":
+        return method, cert.reason, cert
+    if plain:
+        return "exact-ggn", cert.reason, cert
+    n_out = outputs_per_sample(fl)  # type: ignore[arg-type]
+    if cert.exact and owned and n_out + cert.units <= 2 * cap:
+        return "exact", cert.reason, cert
     if n_out > 2 * cap:
         return (
             "hutchinson",
-            f"Tr G needs {n_out} backward passes per batch, more than the cap of {cap} probes",
+            f"Tr G needs {n_out} backward passes per batch, more than {cap} probes allow",
+            cert,
         )
-    return "ggn+hutchinson", f"not exact ({cert.reason}); exact Tr G + Hutchinson on H - G"
+    return "ggn+hutchinson", f"not exact ({cert.reason}); exact Tr G + Hutchinson on H - G", cert
 
 
 def _hutchpp(
