@@ -292,12 +292,13 @@ def _sq_norms_positions(G: Tensor, U: Tensor, UU: Tensor | None = None) -> Tenso
     if P * P * (n_out + n_in) < n_out * n_in * P:
         A = UU if UU is not None else torch.bmm(U.transpose(1, 2), U)
         B = torch.bmm(G.transpose(1, 2), G)
-        return (A * B).sum((1, 2)).double()
+        return torch.linalg.vecdot(A.flatten(1), B.flatten(1)).double()
     step = max(1, CHUNK_NUMBERS // max(1, n_out * n_in))
     parts = []
     for i in range(0, n, step):
         W = torch.bmm(G[i : i + step], U[i : i + step].transpose(1, 2))
-        parts.append((W * W).sum((1, 2)).double())
+        flat = W.flatten(1)
+        parts.append(torch.linalg.vecdot(flat, flat).double())
     return torch.cat(parts)
 
 
@@ -339,16 +340,46 @@ def _layers_batch(
     targets = [outputs[m] for m in names]
     prep = {m: _layer_inputs(owners[m], inputs[m]) for m in names}
     sq: dict[str, Tensor] = {}
-    cots = S.permute(2, 0, 1).reshape(S.shape[2], *out.shape)
+    K = S.shape[2]
+    ghost = {m: _gram_summed(owners[m], prep[m], outputs[m], K) for m in names}
+    grams: dict[str, Tensor] = {}
+    cots = S.permute(2, 0, 1).reshape(K, *out.shape)
     for grads in column_grads(out, targets, cots, _mlp_like(owners)):
         for m, g in zip(names, grads, strict=True):
             if g is None:
                 continue
-            for leaf, value in _layer_sq_norms(owners[m], prep[m], g.detach()).items():
+            values = _layer_sq_norms(owners[m], prep[m], g.detach(), skip_weight=ghost[m])
+            if ghost[m]:  # sum_k G_k^T G_k over the columns, contracted with U^T U once at the end
+                G = g.detach()
+                if isinstance(owners[m], nn.Conv2d):
+                    G = G.reshape(G.shape[0], G.shape[1], -1)
+                else:
+                    G = G.reshape(G.shape[0], -1, G.shape[-1]).transpose(1, 2)
+                gram = torch.bmm(G.transpose(1, 2), G)
+                grams[m] = grams[m] + gram if m in grams else gram
+            for leaf, value in values.items():
                 name = f"{m}.{leaf}"
                 if name in params:
                     sq[name] = sq[name] + value.sum() if name in sq else value.sum()
+    for m, gram in grams.items():
+        if f"{m}.weight" in params:
+            UU = prep[m].get("UU")
+            if UU is None:
+                U = prep[m]["U"]
+                UU = torch.bmm(U.transpose(1, 2), U)
+            value = torch.linalg.vecdot(UU.flatten(1), gram.flatten(1)).sum().double()
+            sq[f"{m}.weight"] = sq[f"{m}.weight"] + value if f"{m}.weight" in sq else value
     return sq, S.shape[1]
+
+
+def _gram_summed(mod: nn.Module, prep: dict[str, Tensor], out: Tensor, K: int) -> bool:
+    """Whether ``sum_k ||G_k U^T||^2 = <sum_k G_k^T G_k, U^T U>`` (Gram matrices over the ``P`` positions,
+    ``K P^2 O + P^2 I`` flops per sample) is cheaper than ``K`` direct products (``K O I P``)."""
+    if "U" not in prep:
+        return False
+    n_in, P = prep["U"].shape[1], prep["U"].shape[2]
+    n_out = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
+    return K * P * P * n_out + P * P * n_in < K * n_out * n_in * P and P * P * out.shape[0] <= CHUNK_NUMBERS
 
 
 def _mlp_like(owners: dict[str, nn.Module]) -> bool:
@@ -394,9 +425,12 @@ def _layer_inputs(mod: nn.Module, a: Tensor) -> dict[str, Tensor]:
     return {"xhat": xhat}
 
 
-def _layer_sq_norms(mod: nn.Module, prep: dict[str, Tensor], g: Tensor) -> dict[str, Tensor]:
+def _layer_sq_norms(
+    mod: nn.Module, prep: dict[str, Tensor], g: Tensor, skip_weight: bool = False
+) -> dict[str, Tensor]:
     """Per-sample squared gradient norms (n,) of ``mod``'s parameters for one cotangent: ``g`` (n, ...) is the
-    gradient at the layer's output, ``prep`` from :func:`_layer_inputs`."""
+    gradient at the layer's output, ``prep`` from :func:`_layer_inputs`. ``skip_weight``: the caller sums the
+    weight's term over columns itself (see :func:`_gram_summed`)."""
     n = g.shape[0]
     if isinstance(mod, nn.Linear):
         if "a2" in prep:
@@ -404,11 +438,17 @@ def _layer_sq_norms(mod: nn.Module, prep: dict[str, Tensor], g: Tensor) -> dict[
             return {"weight": (gg * prep["a2"]).double(), "bias": gg.double()}
         G = g.reshape(n, -1, g.shape[-1]).transpose(1, 2)
         gb = G.sum(-1)
-        return {"weight": _sq_norms_positions(G, prep["U"], prep["UU"]), "bias": (gb * gb).sum(1).double()}
+        out = {"bias": (gb * gb).sum(1).double()}
+        if not skip_weight:
+            out["weight"] = _sq_norms_positions(G, prep["U"], prep["UU"])
+        return out
     if isinstance(mod, nn.Conv2d):
         G = g.reshape(n, g.shape[1], -1)
         gb = G.sum(-1)
-        return {"weight": _sq_norms_positions(G, prep["U"]), "bias": (gb * gb).sum(1).double()}
+        out = {"bias": (gb * gb).sum(1).double()}
+        if not skip_weight:
+            out["weight"] = _sq_norms_positions(G, prep["U"])
+        return out
     dims = tuple(range(2, g.dim()))
     gw = (g * prep["xhat"]).sum(dims) if dims else g * prep["xhat"]
     gb = g.sum(dims) if dims else g
@@ -433,7 +473,8 @@ _LINEAR_OPS = {
     "aten.alias.default", "aten.detach.default", "aten._to_copy.default", "aten.index.Tensor",
     "aten.lift_fresh_copy.default", "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
     "aten.maximum.default", "aten.minimum.default", "aten.where.self", "aten.unbind.int",
-    "<built-in function getitem>",
+    "<built-in function getitem>", "aten.relu_.default", "aten.leaky_relu_.default", "aten.hardtanh_.default",
+    "aten.add_.Tensor", "aten.clamp_min_.default", "aten.clamp_.default",
 }  # fmt: skip
 #: op -> positions of the two factors of a bilinear op (other tensor arguments enter linearly, or must not
 #: depend on parameters: see _FIXED).

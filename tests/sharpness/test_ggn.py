@@ -69,12 +69,40 @@ def tanh_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).to(DT).eval()
 
 
-NETS = {"relu_mlp": relu_mlp, "bn_relu_cnn": bn_relu_cnn, "residual": residual}
+def deep_conv() -> nn.Module:
+    """A 16 -> 4 channel conv on 4x4 maps (2x2 outputs): few positions, wide input, so Tr G sums the
+    Gram matrices over positions instead of forming per-sample weight gradients."""
+    torch.manual_seed(6)
+    net = nn.Sequential(
+        nn.Conv2d(2, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    return net.to(DT).eval()
+
+
+def sequence_mlp() -> nn.Module:
+    """A Linear applied to each of 3 positions (input (n, 3, 5)), then flattened."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(18, 4)).to(DT).eval()
+
+
+NETS = {
+    "relu_mlp": relu_mlp,
+    "bn_relu_cnn": bn_relu_cnn,
+    "residual": residual,
+    "deep_conv": deep_conv,
+    "sequence_mlp": sequence_mlp,
+}
+SHAPES = {"relu_mlp": (5,), "tanh_mlp": (5,), "deep_conv": (2, 4, 4), "sequence_mlp": (3, 5)}
 
 
 def data_for(name: str, n: int = 10, mse: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
-    shape = (n, 5) if name in ("relu_mlp", "tanh_mlp") else (n, 2, 6, 6)
+    shape = (n, *SHAPES.get(name, (2, 6, 6)))
     x = torch.randn(*shape, generator=g, dtype=DT)
     y = torch.randn(n, 4, generator=g, dtype=DT) if mse else torch.randint(0, 4, (n,), generator=g)
     return [(x[:6], y[:6]), (x[6:], y[6:])]  # two batches of unequal size
