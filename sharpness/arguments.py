@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from . import __version__
 from .report import METRICS
+from .trace import METHODS as TRACE_METHODS
 
 EPILOG = """\
 metrics (--metrics a,b,...; default: all but 'layers', leaving out eigs/density when their Lanczos basis
@@ -229,7 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=100,
         metavar="N",
-        help="Hutchinson probes of the traces and noise draws of the avg-SAM loss (default 100)",
+        help="noise draws of the avg-SAM loss, and trace probes with --rtol 0 (default 100)",
+    )
+    a(
+        "--rtol",
+        type=_floats,
+        default=0.02,
+        metavar="R",
+        help="target relative standard error of the traces: stop once stderr < R |Tr| (default 0.02); "
+        "0: a fixed --probes",
+    )
+    a(
+        "--max-probes",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="cap on trace probes when stopping on --rtol (default 1000)",
+    )
+    a(
+        "--trace-method",
+        default="auto",
+        choices=list(TRACE_METHODS),
+        help="auto (default): exact Tr G where Tr H = Tr G is certified (piecewise-linear net, CE/MSE, eval "
+        "mode), else exact Tr G + Hutchinson on H - G; or force one",
     )
     a(
         "--trust-pickle",

@@ -173,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
         chosen = agreed
     settings = ReportSettings(
         probes=args.probes,
+        rtol=args.rtol or None,
+        max_probes=args.max_probes,
+        trace_method=args.trace_method,
         top_k=args.top_k if args.top_k is not None else min(5, trainable),
         sigmas=list(args.sigmas),
         rhos=list(args.rhos),

@@ -188,10 +188,23 @@ def select_params(model: nn.Module, params: Sequence[str] | str | None) -> list[
 
 
 @dataclass
+class NetworkParts:
+    """How a loss is made of a network, for curvature that needs the outputs (the Gauss-Newton matrix):
+    batch ``b``'s term is ``loss_fn(functional_call(model, {**frozen, **p}, (x_b,)), y_b)``."""
+
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    batches: list[Batch]
+    frozen: Params
+    train_mode: bool = False
+
+
+@dataclass
 class FunctionalLoss:
     """A scalar function of a parameter dict, with the point ``params`` where it is measured.
 
-    ``loss(params)`` is pure: it does not change any tensor it is given.
+    ``loss(params)`` is pure: it does not change any tensor it is given. ``network``: how the loss is made
+    of a model's outputs (set by :func:`make_loss`; ``None`` for a bare function).
 
     ``parallel``: when the data is split across ranks (:mod:`sharpness.parallel`), ``loss`` and the terms are
     this rank's weighted part of ``L``; :meth:`allsum` adds the parts of all ranks (identity otherwise).
@@ -201,6 +214,7 @@ class FunctionalLoss:
     params: Params
     batch_losses: list[Callable[[Params], Tensor]] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    network: NetworkParts | None = None
     parallel: DataParallel | None = None
 
     def allsum(self, x: Tensor, what: str = "the sum over ranks") -> Tensor:
@@ -307,7 +321,10 @@ def make_loss(
     def loss(p: Params) -> Tensor:
         return sum(w * f(p) for w, f in zip(weights, terms, strict=True))  # type: ignore[return-value]
 
-    fl = FunctionalLoss(loss=loss, params=theta, batch_losses=terms, weights=weights, parallel=dp)
+    parts = NetworkParts(model, loss_fn, batches, frozen, train_mode)
+    fl = FunctionalLoss(
+        loss=loss, params=theta, batch_losses=terms, weights=weights, network=parts, parallel=dp
+    )
     if check:
         with private_rng(0):  # dropout in train mode: a fixed mask, and the caller's RNG is not advanced
             check_loss(fl)

@@ -231,7 +231,7 @@ def avg_sam_quadratic(
     else:
         if n_probes < 2:
             raise SharpnessInputError(f"n_probes = {n_probes}: need at least 2 for a standard error")
-        tr = hessian_trace(op, n_probes=n_probes, seed=seed)
+        tr = hessian_trace(op, n_probes=n_probes, seed=seed, method="hutchinson")
         tr_h, se_h = tr.value, tr.stderr
         s2 = float(sigma) ** 2  # type: ignore[arg-type]
         half, se, trace_sigma = 0.5 * s2 * tr_h, 0.5 * s2 * se_h, s2 * op.num_params

@@ -131,15 +131,17 @@ def sharpness_at(
     seed: int = 0,
     probes: int = 100,
 ) -> dict[str, Any]:
-    """``Tr H`` (Hutchinson, ``sharpness.trace.hessian_trace``) and ``lambda_max`` (Lanczos,
-    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: ``probes`` HVPs + Lanczos.
+    """``Tr H`` (``sharpness.trace.hessian_trace``, method auto: exact for piecewise-linear nets, else to
+    a 2 % standard error with at most ``probes`` probes) and ``lambda_max`` (Lanczos,
+    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: at most ``probes`` HVPs (+ JVPs)
+    + Lanczos.
     """
     fl = problem.functional(w_a, buffers, samples)
     out: dict[str, Any] = {}
     if trace:
-        from sharpness.trace import hessian_trace
+        from sharpness.trace import DEFAULT_RTOL, hessian_trace
 
-        out["trace_h"] = float(hessian_trace(fl, n_probes=probes, seed=seed).value)
+        out["trace_h"] = float(hessian_trace(fl, rtol=DEFAULT_RTOL, n_probes=probes, seed=seed).value)
     if lmax:
         from sharpness.lanczos import top_eigenvalues
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sharpness.functional import FunctionalLoss, Params, flatten, training_flags, unflatten
+from sharpness.functional import FunctionalLoss, NetworkParts, Params, flatten, training_flags, unflatten
 
 from .models import has_batchnorm
 
@@ -281,8 +281,9 @@ class ModelProblem(Problem):
         terms = [term(x, y) for x, y in data]
         weights = [x.shape[0] / total for x, _ in data]
         loss = lambda p: sum(wt * f(p) for wt, f in zip(weights, terms, strict=True))
+        parts = NetworkParts(self.model, self.loss_fn, data, bufs)  # for the exact Gauss-Newton trace
         return FunctionalLoss(
-            loss=loss, params=self.unflatten(w.detach()), batch_losses=terms, weights=weights
+            loss=loss, params=self.unflatten(w.detach()), batch_losses=terms, weights=weights, network=parts
         )
 
     def logits(

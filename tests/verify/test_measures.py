@@ -114,3 +114,15 @@ def test_sharpness_at_matches_dense(tiny):
     lam = float(torch.linalg.eigvalsh(H)[-1])
     assert abs(out["lambda_max"] - lam) < 1e-4 * abs(lam)
     assert abs(out["trace_h"] - float(torch.trace(H))) < 0.2 * abs(float(torch.trace(H)))
+
+
+def test_sharpness_at_is_exact_on_a_relu_net():
+    """Problem.functional carries its network, so the logged Tr H of a ReLU MLP is the exact Tr G = Tr H."""
+    torch.manual_seed(0)
+    train = load_dataset("digits", split="train", samples=40, seed=1)
+    relu = ModelProblem(mlp(64, (3,), 10, "relu"), train, None, m=4, local_batch=5, seed=0)
+    w = flatten(relu.params)
+    fl = relu.functional(w)
+    H = torch.func.hessian(lambda v: fl.loss(relu.unflatten(v)))(w)
+    out = measures.sharpness_at(relu, w, lmax=False, probes=10)
+    assert abs(out["trace_h"] - float(torch.trace(H))) < 1e-5 * abs(float(torch.trace(H)))
