@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from sharpness.results import atomic_write  # noqa: E402
+from verify.algorithms import ALGORITHMS  # noqa: E402
 
 #: The Okabe-Ito palette.
 OKABE_ITO = {
@@ -36,44 +37,21 @@ OKABE_ITO = {
     "grey": "#999999",
 }
 
-#: One colour per algorithm / topology, the same in every figure.
-ALGO_COLORS = {
-    "csgd": OKABE_ITO["black"],
-    "ring": OKABE_ITO["vermillion"],
-    "grid": OKABE_ITO["bluish_green"],
-    "exponential": OKABE_ITO["blue"],
-    "complete": OKABE_ITO["orange"],
-    "sam": OKABE_ITO["reddish_purple"],
-    "avgsam": OKABE_ITO["sky_blue"],
-    "disconnected": OKABE_ITO["grey"],
-    "torus": OKABE_ITO["yellow"],
+#: One colour, legend name and marker per key: a topology for the gossip algorithms (D-SGD), the algorithm
+#: itself for the others (from its record in ``verify.algorithms``), the same in every figure.
+TOPOLOGY_STYLE = {  # colour, legend name, marker
+    "ring": ("vermillion", "D-SGD ring", "o"),
+    "grid": ("bluish_green", "D-SGD grid", "^"),
+    "exponential": ("blue", "D-SGD exponential", "D"),
+    "complete": ("orange", "D-SGD complete (AWC)", "v"),
+    "disconnected": ("grey", "no communication (P = I)", "x"),
+    "torus": ("yellow", "D-SGD torus", "<"),
 }
-
-#: Readable names for legends.
-ALGO_LABELS = {
-    "csgd": "C-SGD",
-    "ring": "D-SGD ring",
-    "grid": "D-SGD grid",
-    "exponential": "D-SGD exponential",
-    "complete": "D-SGD complete (AWC)",
-    "sam": "SAM",
-    "avgsam": "average-direction SAM",
-    "disconnected": "no communication (P = I)",
-    "torus": "D-SGD torus",
-}
-
-#: Markers per algorithm (a second cue besides colour).
-ALGO_MARKERS = {
-    "csgd": "s",
-    "ring": "o",
-    "grid": "^",
-    "exponential": "D",
-    "complete": "v",
-    "sam": "P",
-    "avgsam": "X",
-    "disconnected": "x",
-    "torus": "<",
-}
+_OTHERS = {k: a for k, a in ALGORITHMS.items() if a.kind != "gossip"}
+ALGO_COLORS = {k: OKABE_ITO[c] for k, (c, _, _) in TOPOLOGY_STYLE.items()}
+ALGO_COLORS.update({k: OKABE_ITO[a.color] for k, a in _OTHERS.items()})
+ALGO_LABELS = {**{k: v[1] for k, v in TOPOLOGY_STYLE.items()}, **{k: a.label for k, a in _OTHERS.items()}}
+ALGO_MARKERS = {**{k: v[2] for k, v in TOPOLOGY_STYLE.items()}, **{k: a.marker for k, a in _OTHERS.items()}}
 
 PREDICTION = {"color": "#444444", "ls": "--", "lw": 1.3}
 CONTROL_COLOR = OKABE_ITO["grey"]
@@ -103,7 +81,7 @@ RC = {
 
 def algo_key(algo: str, topology: Any = None) -> str:
     """The colour key of a run: ``csgd``/``sam``/``avgsam`` by algorithm, D-SGD by its topology name."""
-    if algo in ("dsgd", "dsgd-atc"):
+    if algo in ALGORITHMS and ALGORITHMS[algo].kind == "gossip":
         return str(topology) if isinstance(topology, str) else "ring"
     return algo
 

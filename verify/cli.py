@@ -23,15 +23,12 @@ from .algorithms import ALGORITHMS
 from .config import CODE_OPTIONS, ConfigError, RunConfig, check_trusted
 from .models import BUILDERS
 from .stacked import EXECUTIONS
+from .topology import BUILTINS, SCHEDULES, SHUFFLES
 
-DESCRIPTION = """\
+UPDATES = "\n".join(f"  {name:<9} {a.update}" for name, a in ALGORITHMS.items())
+DESCRIPTION = f"""\
 Simulate m workers as one stacked computation. Updates (g_j = gradient of worker j's local mini-batch loss):
-  dsgd      w_j <- sum_k P_jk w_k - lr g_j(w_j)       (AWC, the paper's form: gradient at the un-mixed w_j)
-  dsgd-atc  w_j <- sum_k P_jk (w_k - lr g_k(w_k))     (ATC; with --topology complete it equals csgd)
-  csgd      w <- w - lr mean_j g_j(w)                 (one model, batch m*b; Tr Xi = 0)
-  sam       w <- w - lr mean_j g_j(w + rho g_j/|g_j|) (worst-case SAM, per-worker ascent)
-  avgsam    w <- w - lr mean_j g_j(w + eps_j), eps_j ~ N(0, sigma^2 I) (average-direction SAM)
-  local-sgd w_j <- w_j - lr g_j(w_j), then w_j <- mean_k w_k every --local-steps steps
+{UPDATES}
 Logged: Tr Xi = (1/m) sum_j |w_j - w_a|^2 (this paper's consensus distance; its square root is Kong et al.'s),
 Tr(H Xi) = (1/m) sum_j d_j^T H(w_a) d_j, drift |mean_j grad L(w_j) - grad L(w_a)|, loss/accuracy of w_a and of
 the workers' softmax ensemble (NLL, 15-bin ECE)."""
@@ -61,10 +58,9 @@ def _opt_int(text: str) -> int | None:
 # (flag, RunConfig field, type, help); defaults come from RunConfig
 RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--algo", "algo", str, f"algorithm: {', '.join(ALGORITHMS)} (updates above)"),
-    ("--topology", "topology", str,
-     "ring, grid, torus, exponential, complete, star, disconnected, random_matching, or a .npy/.csv P"),
-    ("--shuffle", "shuffle", str, "time-varying P: fixed, random (P(t) = Pi_t^T P Pi_t), two-sided,"
-     " matching"),
+    ("--topology", "topology", str, f"{', '.join(BUILTINS + SCHEDULES)}, or a .npy/.csv P"),
+    ("--shuffle", "shuffle", str, f"time-varying P: {', '.join(s for s in SHUFFLES if s)}"
+     " (random: P(t) = Pi_t^T P Pi_t)"),
     ("--mix-method", "mix_method", str, "gossip product: auto, dense (P @ W), sparse (CSR),"
      " roll (circulant P)"),
     ("--workers", "workers", int, "m, the number of simulated workers"),

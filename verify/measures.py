@@ -26,6 +26,11 @@ from sharpness.hvp import HessianOperator
 from .problems import Problem
 
 
+def due(s: int, every: int, steps: int) -> bool:
+    """Whether a measurement taken every ``every`` steps (0: never) is due at step s (always at the last)."""
+    return bool(every) and (s % every == 0 or s == steps)
+
+
 def deviations(W: Tensor) -> Tensor:
     """``D = W - 1 w_a^T`` (m, d): row j is ``d_j = w_j - w_a``, computed as ``V - mean(V)`` with
     ``V = W - w_1`` (equal in exact arithmetic; exactly 0 when all rows are equal). Cost: O(m d)."""
@@ -85,7 +90,9 @@ def ece(probs: Tensor, y: Tensor, bins: int = 15) -> float:
     return total
 
 
-def _prob_metrics(probs: Tensor, y: Tensor, bins: int) -> tuple[float, float, float]:
+def prob_metrics(probs: Tensor, y: Tensor, bins: int = 15) -> tuple[float, float, float]:
+    """Accuracy, NLL ``-mean log p_y`` and :func:`ece` of the class probabilities ``probs`` (n, C). Cost:
+    O(n C)."""
     acc = float((probs.argmax(1) == y).double().mean())
     nll = float(-torch.log(probs.gather(1, y.reshape(-1, 1)).clamp_min(1e-300)).mean())
     return acc, nll, ece(probs, y, bins)
@@ -112,8 +119,8 @@ def ensemble_metrics(
         zj, _ = problem.logits(W[j], bj, split)  # type: ignore[misc]
         probs += F.softmax(zj.double(), 1)
     probs /= W.shape[0]
-    e = _prob_metrics(probs, y, bins)
-    a = _prob_metrics(F.softmax(z_avg.double(), 1), y, bins)
+    e = prob_metrics(probs, y, bins)
+    a = prob_metrics(F.softmax(z_avg.double(), 1), y, bins)
     return {
         "ensemble_acc": e[0], "ensemble_nll": e[1], "ece": e[2],
         "avg_acc": a[0], "avg_nll": a[1], "avg_ece": a[2],

@@ -198,7 +198,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     ``config.json``, start the ranks on loopback with ``--config`` pointing at it, return their status."""
     from ..cli import run_folder
     from .args import config_for
-    from .worker import preflight
+    from .transport import preflight
 
     out = run_folder(args)
     if out is None:
