@@ -40,7 +40,7 @@ from torch import Tensor
 
 from sharpness.functional import Params
 
-from .problems import STREAM_PERTURB, generator
+from .problem import STREAM_PERTURB, generator
 
 Grads = Callable[[Tensor, Params], tuple[Tensor, Tensor, Params]]
 Mix = Callable[[Tensor], Tensor]

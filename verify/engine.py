@@ -38,7 +38,7 @@ from sharpness.results import write_json
 from . import measures
 from .algorithms import AlgoConfig, State, lr_at, record
 from .config import DTYPES, ConfigError, RunConfig, build_problem
-from .problems import Problem
+from .problem import Problem
 from .rundir import Checkpoints, MetricsWriter, read_metrics, save_average, save_ckpt, versions, write_config
 from .stacked import local_grads
 from .transport import Stacked, Transport, average_buffers

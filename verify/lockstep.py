@@ -39,7 +39,7 @@ from sharpness.functional import resolve_device
 from . import measures
 from .algorithms import ALGORITHMS, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
-from .problems import Problem, generator
+from .problem import Problem, generator
 from .stacked import choose_execution, local_grads
 from .topology import schedule
 

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from sharpness.functional import FunctionalLoss, Params
 from sharpness.hvp import HessianOperator
+from sharpness.lanczos import top_eigenvalues
+from sharpness.trace import hessian_trace
 
-from .problems import Problem
+from .problem import Problem
 
 
 def due(s: int, every: int, steps: int) -> bool:
@@ -144,11 +146,7 @@ def sharpness_at(
     fl = problem.functional(w_a, buffers, samples)
     out: dict[str, Any] = {}
     if trace:
-        from sharpness.trace import hessian_trace
-
         out["trace_h"] = float(hessian_trace(fl, n_probes=probes, seed=seed).value)
     if lmax:
-        from sharpness.lanczos import top_eigenvalues
-
         out["lambda_max"] = float(top_eigenvalues(fl, k=1, seed=seed).values[0])
     return out

@@ -18,12 +18,16 @@ import csv
 import io
 import json
 import pickle
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
+import sharpness
+from sharpness.checkpoint import save_checkpoint
 from sharpness.results import atomic_torch_save, atomic_write_text, write_json
 
 from .algorithms import State
@@ -71,12 +75,6 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any]
 
 def versions() -> dict[str, str]:
     """Versions recorded in ``config.json``."""
-    import sys
-
-    import numpy
-
-    import sharpness
-
     return {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
             "dsgd_sam": getattr(sharpness, "__version__", "?")}  # fmt: skip
 
@@ -305,8 +303,6 @@ def save_average(
     model = getattr(problem, "model", None)
     if arch is None or model is None:
         return False
-    from sharpness.checkpoint import save_checkpoint
-
     clone = copy.deepcopy(model)
     state = {**clone.state_dict(), **buffers, **problem.unflatten(w_a.detach())}
     clone.load_state_dict({k: v.detach() for k, v in state.items()})

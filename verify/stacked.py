@@ -30,7 +30,7 @@ from torch.func import grad_and_value, vmap
 
 from sharpness.functional import Params
 
-from .problems import Batch, Problem
+from .problem import Batch, Problem
 
 GradsFn = Callable[[Tensor, Params, Batch], tuple[Tensor, Tensor, Params]]
 EXECUTIONS = ("auto", "vmap", "loop", "analytic")

@@ -33,7 +33,7 @@ from sharpness.functional import Params
 from . import measures
 from .algorithms import Algorithm, Grads, Mix, State, lr_at
 from .config import RunConfig
-from .problems import Batch, Problem
+from .problem import Batch, Problem
 from .rundir import load_ckpt, prepare_out
 from .stacked import GradsFn, choose_execution
 from .topology import schedule

@@ -13,11 +13,11 @@ import torch
 
 from figures import style
 from verify import algorithms
-from verify.cli import DESCRIPTION
 from verify.config import ConfigError, RunConfig
 from verify.distributed import supported
 from verify.distributed.launch import launch_local
 from verify.engine import run
+from verify.options import DESCRIPTION
 from verify.rundir import read_metrics
 
 HERE = Path(__file__).resolve().parent

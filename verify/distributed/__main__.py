@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from sharpness.arguments import OneLineParser
 
-from ..cli import add_run_arguments, run_folder
+from ..options import add_run_arguments, run_folder
 from .args import add_distributed_arguments, config_for
 from .comm import (
     Comm,

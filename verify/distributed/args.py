@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import config_from_args, run_folder, trusted_base
 from ..config import RunConfig
+from ..options import config_from_args, run_folder, trusted_base
 from ..rundir import read_config, read_json
 
 

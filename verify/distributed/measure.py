@@ -32,7 +32,7 @@ from sharpness.functional import Params
 from .. import measures
 from ..algorithms import lr_at
 from ..config import RunConfig
-from ..problems import Problem
+from ..problem import Problem
 from .comm import Comm
 
 

@@ -35,7 +35,7 @@ from sharpness.functional import Params, flatten
 from ..algorithms import ALGORITHMS, Algorithm, Grads, Mix, State
 from ..config import DTYPES, ConfigError, RunConfig, build_problem
 from ..engine import RESUMABLE_CHANGES, RunResult, run_loop
-from ..problems import Batch, Problem
+from ..problem import Batch, Problem
 from ..rundir import check_out, load_ckpt, prepare_out, read_ckpt
 from ..stacked import GradsFn
 from ..topology import Neighbours, schedule
