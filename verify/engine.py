@@ -33,13 +33,13 @@ import torch
 from tqdm import tqdm
 
 from sharpness.functional import resolve_device
-from sharpness.results import write_json
+from sharpness.results import environment, write_json
 
 from . import measures
 from .algorithms import AlgoConfig, State, lr_at, record
 from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problem import Problem
-from .rundir import Checkpoints, MetricsWriter, read_metrics, save_average, save_ckpt, versions, write_config
+from .rundir import Checkpoints, MetricsWriter, read_metrics, save_average, save_ckpt, write_config
 from .stacked import local_grads
 from .transport import Stacked, Transport, average_buffers
 
@@ -191,7 +191,7 @@ def run_loop(
     if writes and outp is not None and not resume:
         info = {"execution": execution, "m": problem.m, "d": problem.num_params,
                 "problem": type(problem).__name__, "device": str(problem.device), "dtype": config.dtype,
-                "versions": versions(), "source": source, **transport.info()}  # fmt: skip
+                "versions": environment(problem.device), "source": source, **transport.info()}  # fmt: skip
         write_config(outp, config.to_dict(), info)
     start, t0 = state.step, time.perf_counter()
     ckpts = Checkpoints(outp if writes else None, execution, config.to_dict())
