@@ -10,16 +10,19 @@ PNG (150 dpi) and PDF atomically. Matplotlib runs on the Agg backend (no display
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 from sharpness.results import atomic_write  # noqa: E402
 from verify.algorithms import ALGORITHMS  # noqa: E402
@@ -121,10 +124,6 @@ def title(ax: Any, letter: str, text: str, **kw: Any) -> None:
 def plain_log_ticks(ax: Any, axis: str = "y") -> None:
     """Plain-number tick labels (``20``, ``0.6``) on a log axis spanning < 2 decades; minor ticks are labelled
     at 2, 3 and 5 x 10^k (all of 2-8 below a factor 3), and only when the axis spans less than a factor 30."""
-    import math
-
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
     if not (lo > 0 and hi / lo < 100):
         return
@@ -142,9 +141,6 @@ def plain_log_ticks(ax: Any, axis: str = "y") -> None:
 
 def data_ticks(ax: Any, values: Any, axis: str = "x") -> None:
     """Major ticks at the (few) distinct data values, labelled as plain numbers; no minor labels."""
-    import numpy as np
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
-
     v = np.unique(np.asarray(values, dtype=float))
     target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_locator(FixedLocator(v))

@@ -113,3 +113,42 @@ def test_every_module_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+#: The only imports inside functions (outside verify/claims, whose modules defer theirs so that discovering
+#: the checks never breaks): each is heavy and needed by one optional path.
+DEFERRED = {
+    ("sharpness.cli", "sharpness.plots"): "matplotlib, only with --plot",
+    ("sharpness.checkpoint", "safetensors.torch"): "an optional dependency, only for .safetensors files",
+    ("verify.cli", "verify.claims"): "every claim module (its runner), only for dsgd-verify check",
+    ("figures.cli", "figures.produce"): "verify's engine and every claim module, only with --rerun",
+    ("figures.cli", "verify.claims.registry"): "every claim module, only with --rerun",
+}
+
+
+def test_imports_inside_functions_are_the_listed_ones():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = set()
+    for pkg in PACKAGES:
+        for path in (root / pkg).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if mod.startswith("verify.claims"):
+                continue
+            package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+            for fn in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Import):
+                        found |= {(mod, a.name) for a in node.names}
+                    elif isinstance(node, ast.ImportFrom):
+                        base = node.module or ""
+                        if node.level:
+                            up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                            base = ".".join([*up, base] if base else up)
+                        found.add((mod, base))
+    assert found == set(DEFERRED)

@@ -8,7 +8,7 @@ rank <= m - 1) and every quantity below is computed from D (m x d):
 - ``Tr(H Xi) = (1/m) sum_j d_j^T H(w_a) d_j`` with one ``HessianOperator.matmat(D^T)`` (m HVPs);
 - the decentralisation drift ``||(1/m) sum_j grad L(w_j) - grad L(w_a)||`` (m + 1 full-batch gradients);
 - ensemble metrics: the workers' mean softmax vs the average model (accuracy, NLL, 15-bin ECE);
-- optional ``Tr H`` and ``lambda_max`` at w_a (``sharpness.trace`` / ``sharpness.lanczos``).
+- optional ``Tr H`` and ``lambda_max`` at w_a (:mod:`sharpness.at_point`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sharpness.at_point import sharpness_at as point_sharpness
 from sharpness.functional import FunctionalLoss, Params
 from sharpness.hvp import HessianOperator
-from sharpness.lanczos import top_eigenvalues
-from sharpness.trace import hessian_trace
 
 from .problem import Problem
 
@@ -134,19 +133,12 @@ def sharpness_at(
     w_a: Tensor,
     buffers: Params | None = None,
     *,
-    trace: bool = True,
-    lmax: bool = True,
     samples: int | None = None,
     seed: int = 0,
     probes: int = 100,
 ) -> dict[str, Any]:
-    """``Tr H`` (Hutchinson, ``sharpness.trace.hessian_trace``) and ``lambda_max`` (Lanczos,
-    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: ``probes`` HVPs + Lanczos.
-    """
-    fl = problem.functional(w_a, buffers, samples)
-    out: dict[str, Any] = {}
-    if trace:
-        out["trace_h"] = float(hessian_trace(fl, n_probes=probes, seed=seed).value)
-    if lmax:
-        out["lambda_max"] = float(top_eigenvalues(fl, k=1, seed=seed).values[0])
-    return out
+    """``trace_h`` and ``lambda_max`` (:func:`sharpness.at_point.sharpness_at`) of the training loss at w_a
+    (eval mode, the given BatchNorm statistics; a fixed seeded subset of ``samples`` points). Cost:
+    ``probes`` HVPs + Lanczos."""
+    at = point_sharpness(problem.functional(w_a, buffers, samples), probes=probes, seed=seed)
+    return {"trace_h": at.trace, "lambda_max": at.lmax}
