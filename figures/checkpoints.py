@@ -23,6 +23,7 @@ from torch.func import functional_call
 from sharpness.checkpoint import load_model
 from sharpness.data import load_dataset
 from sharpness.functional import FunctionalLoss, make_loss, unflatten
+from verify.rundir import RunDirError, read_ckpt
 
 from .sources import FiguresError, RunData
 
@@ -67,9 +68,9 @@ def _load_ckpt(run: RunData) -> dict[str, Any]:
     if not path.is_file():
         raise FiguresError(f"{path} not found: the workers' final state is needed")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FiguresError(f"{path} cannot be read: {str(exc).splitlines()[0]}") from exc
+        return read_ckpt(path)
+    except RunDirError as exc:
+        raise FiguresError(str(exc)) from None
 
 
 def worker_probabilities(run: RunData, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
