@@ -36,7 +36,7 @@ from .config import RunConfig
 from .problem import Batch, Problem
 from .rundir import load_ckpt, prepare_out
 from .stacked import GradsFn, choose_execution
-from .topology import schedule
+from .topology import TopologySchedule, schedule
 
 
 class Transport(Protocol):
@@ -72,6 +72,13 @@ def average_buffers(buffers: Params, mix_buffers: bool = False) -> Params:
     return {k: (v.mean(0) if v.is_floating_point() else v[0]) for k, v in buffers.items()}
 
 
+def gossip_schedule(problem: Problem, config: RunConfig, algorithm: Algorithm) -> TopologySchedule | None:
+    """P(t) of a gossip algorithm (:func:`verify.topology.schedule`), None for the others."""
+    if algorithm.kind != "gossip":
+        return None
+    return schedule(config.topology, problem.m, config.shuffle, config.seed)
+
+
 def exact_average(X: torch.Tensor) -> torch.Tensor:
     """``J X``: every row replaced by the rows' mean. Cost: O(m d)."""
     return X.mean(0, keepdim=True).expand_as(X).clone()
@@ -84,10 +91,7 @@ class Stacked:
     writes, every_step, first, label, comm_s = True, True, 0, "", 0.0
 
     def setup(self, problem: Problem, config: RunConfig, algorithm: Algorithm) -> None:
-        self.problem, self.cfg = problem, config
-        self.sched = None
-        if algorithm.kind == "gossip":
-            self.sched = schedule(config.topology, problem.m, config.shuffle, config.seed)
+        self.problem, self.cfg, self.sched = problem, config, gossip_schedule(problem, config, algorithm)
         self.static = self.sched.mixer(0, config.mix_method) if self.sched and self.sched.static else None
         self.mix: Mix = lambda W: W
 

@@ -1,5 +1,5 @@
 """One record per algorithm: a toy algorithm registered in one place runs in the simulation and on 2 gloo
-ranks (tests/verify/toy_ranks.py), with equal parameters and metrics; the lists that name algorithms
+ranks (tests/verify/dist_ranks.py), with equal parameters and metrics; the lists that name algorithms
 (configuration, command line, distributed engine, figure style) come from the registry."""
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def test_an_unregistered_algorithm_is_refused_in_one_line():
 def test_toy_algorithms_run_in_both_engines(toys, tmp_path):
     plan = [{"config": _toy(t.name).to_dict(), "out": str(tmp_path / t.name)} for t in TOYS]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    res = launch_local([str(tmp_path / "plan.json")], 2, timeout=20.0, log_dir=tmp_path,
-                       command=[sys.executable, str(HERE / "toy_ranks.py")])  # fmt: skip
+    res = launch_local([str(tmp_path / "plan.json"), "toy_algorithms:register_toys"], 2, timeout=20.0,
+                       log_dir=tmp_path, command=[sys.executable, str(HERE / "dist_ranks.py")])  # fmt: skip
     assert res.returncode == 0, "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
     for toy in TOYS:
         sim = run(_toy(toy.name), None, progress=False)

@@ -1,4 +1,5 @@
-"""Two toy algorithms registered by tests/verify/test_registry.py, in the test process and in every rank.
+"""Two toy algorithms registered by tests/verify/test_registry.py, in the test process and in every rank
+(tests/verify/dist_ranks.py).
 
 ``lazy-dsgd`` (gossip): ``w_j <- (w_j + sum_k P_jk w_k) / 2 - lr g_j``; ``half-csgd`` (centralised):
 ``w <- w - (lr / 2) mean_j g_j(w)``. Each is one :class:`verify.algorithms.Algorithm` record and nothing else.

@@ -38,7 +38,8 @@ from ..engine import RESUMABLE_CHANGES, RunResult, run_loop
 from ..problem import Batch, Problem
 from ..rundir import check_out, load_ckpt, prepare_out, read_ckpt
 from ..stacked import GradsFn
-from ..topology import Neighbours, schedule
+from ..topology import Neighbours
+from ..transport import gossip_schedule
 from . import measure
 from .comm import Comm, DistributedRunError
 
@@ -122,10 +123,7 @@ class Ranks:
         return self.comm.comm_s
 
     def setup(self, problem: Problem, config: RunConfig, algorithm: Algorithm) -> None:
-        self.problem, self.cfg = problem, config
-        self.sched = None
-        if algorithm.kind == "gossip":
-            self.sched = schedule(config.topology, problem.m, config.shuffle, config.seed)
+        self.problem, self.cfg, self.sched = problem, config, gossip_schedule(problem, config, algorithm)
         self.static = self.sched.neighbours(0, self.first) if self.sched and self.sched.static else None
 
     def prepare(self, out: Path | None, resume: bool, overwrite: bool, may_change: tuple) -> None:
