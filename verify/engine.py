@@ -46,7 +46,6 @@ from .transport import Stacked, Transport, average_buffers
 Callback = Callable[[int, State, Problem], "dict[str, Any] | None"]
 BASE_COLUMNS = ["step", "lr", "batch_loss", "consensus_distance", "consensus_distance_sqrt",
                 "train_loss", "train_acc", "test_loss", "test_acc"]  # fmt: skip
-ENSEMBLE_COLUMNS = ["ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece"]
 #: Settings a resumed run may change (everything else must match the saved config).
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "ckpt_seconds", "device")
 
@@ -66,17 +65,6 @@ class RunResult:
     problem: Problem
     message: str | None = None
     wall_s: float = 0.0
-
-    def column(self, name: str) -> list[Any]:
-        """One metric over the logged rows (None where it was not measured)."""
-        return [row.get(name) for row in self.metrics]
-
-    @property
-    def columns(self) -> dict[str, list[Any]]:
-        keys: list[str] = []
-        for row in self.metrics:
-            keys += [k for k in row if k not in keys]
-        return {k: self.column(k) for k in keys}
 
 
 class _Log:
@@ -100,7 +88,9 @@ class _Log:
         if self.writer is None:
             cfg = self.cfg
             cols = BASE_COLUMNS + (["trace_h_xi"] if cfg.hess_every else [])
-            cols += (["drift"] if cfg.drift_every else []) + (ENSEMBLE_COLUMNS if cfg.ensemble else [])
+            cols += (["drift"] if cfg.drift_every else []) + (
+                list(measures.ENSEMBLE_COLUMNS) if cfg.ensemble else []
+            )
             cols += (["trace_h", "lambda_max"] if cfg.sharpness_every else []) + ["elapsed_s"]
             cols += [k for k in row if k not in cols]
             self.writer = MetricsWriter(self.out / "metrics.csv", cols)

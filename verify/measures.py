@@ -26,6 +26,9 @@ from sharpness.hvp import HessianOperator
 
 from .problem import Problem
 
+#: The ensemble metrics' columns (:func:`ensemble_scores`).
+ENSEMBLE_COLUMNS = ("ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece")
+
 
 def due(s: int, every: int, steps: int) -> bool:
     """Whether a measurement taken every ``every`` steps (0: never) is due at step s (always at the last)."""
@@ -120,12 +123,14 @@ def ensemble_metrics(
         zj, _ = problem.logits(W[j], bj, split)  # type: ignore[misc]
         probs += F.softmax(zj.double(), 1)
     probs /= W.shape[0]
-    e = prob_metrics(probs, y, bins)
-    a = prob_metrics(F.softmax(z_avg.double(), 1), y, bins)
-    return {
-        "ensemble_acc": e[0], "ensemble_nll": e[1], "ece": e[2],
-        "avg_acc": a[0], "avg_nll": a[1], "avg_ece": a[2],
-    }  # fmt: skip
+    return ensemble_scores(probs, y, z_avg, bins)
+
+
+def ensemble_scores(probs: Tensor, y: Tensor, z_avg: Tensor, bins: int = 15) -> dict[str, float]:
+    """:data:`ENSEMBLE_COLUMNS`: :func:`prob_metrics` of the workers' mean softmax ``probs`` (n, C) and of
+    the average model's logits ``z_avg``. Cost: O(n C)."""
+    scores = (*prob_metrics(probs, y, bins), *prob_metrics(F.softmax(z_avg.double(), 1), y, bins))
+    return dict(zip(ENSEMBLE_COLUMNS, scores, strict=True))
 
 
 def sharpness_at(

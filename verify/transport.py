@@ -1,23 +1,12 @@
-"""What the run loop needs from "where the workers live", and the simulation's answer: all m in this process.
+"""What the run loop needs from "where the workers live" (:class:`Transport`), and the simulation's answer,
+:class:`Stacked`: all m workers in this process. ``verify.distributed.transport.Ranks`` holds one per rank.
 
-:func:`verify.engine.run_loop` is the one run loop; a transport supplies, for the rows of W this process
-holds (all m here, one per rank in :mod:`verify.distributed`):
-
-- ``setup(problem, config, algorithm)``; ``prepare(out, ...)``: the run folder made (new run) or checked
-  (resume) by the writing process;
-- ``take(state)``, ``resume(out)``, ``execution(state, batches)``: the rows held, read back from ``ckpt.pt``,
-  and how the local gradients are computed;
-- ``begin(t) -> (batches, mix)``: step t's local batches and the gossip product ``W -> P(t) W`` (identity
-  for non-gossip algorithms); ``grads(base, batches, reduce)``: the step functions' ``grads``, where the calls
-  numbered in ``reduce`` return the workers' mean gradient (a no-op when every row is here: the step function
-  averages the rows itself); ``mix_buffers(buffers, gossip)``: BatchNorm buffers mixed with P(t) or
-  averaged;
-- ``agree(first_bad, clock)``: the first step any worker diverged at, and the writer's checkpoint clock, as
-  every process sees them (``every_step``: whether agreeing is free, so the loop asks at every step);
-- ``row(s, state, losses)``: the metrics row (the :mod:`verify.engine` columns) on the writing process;
-  ``after_log(s)``: wait for it; ``gather(state)``: every row on the writing process, for a checkpoint;
-- ``writes``: whether this process writes the run directory and returns the result; ``info()``,
-  ``summary(step_s, comm_s, steps)``: what it adds to ``config.json`` and ``result.json``.
+:func:`verify.engine.run_loop` runs on the rows of W the transport holds. The transport gives step t's batches
+and gossip product (``begin``), the step functions' ``grads`` (calls numbered in ``reduce`` return the
+workers' mean gradient: a no-op when every row is here), BatchNorm buffers mixed or averaged, agreement on
+divergence and on the writer's checkpoint clock (``agree``; ``every_step``: agreeing is free), the metrics
+row (``row``, on the process that ``writes``), every row gathered for a checkpoint (``gather``), and what it
+adds to ``config.json`` / ``result.json`` (``info``, ``summary``).
 """
 
 from __future__ import annotations

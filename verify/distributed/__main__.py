@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 from sharpness.arguments import OneLineParser
 
-from ..options import add_run_arguments, run_folder
-from .args import add_distributed_arguments, config_for
+from ..options import add_distributed_arguments, add_run_arguments, config_for, run_folder
 from .comm import (
     Comm,
     DistributedRunError,

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..options import run_folder
-from .args import add_distributed_arguments, config_for
+from ..options import add_distributed_arguments, config_for, run_folder
 from .comm import HOSTED_STORE_ENV, WATCH_PREFIX, loopback_ifname
 from .transport import preflight
 

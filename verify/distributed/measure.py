@@ -60,16 +60,6 @@ def _ensemble_probs(comm: Comm, problem: Problem, w: Tensor, own: Params) -> tup
     return comm.all_reduce(F.softmax(zj.double(), 1).contiguous(), "all_reduce of the ensemble softmax"), y
 
 
-def _ensemble_metrics(problem: Problem, probs: Tensor, y: Tensor, m: int, w_a: Tensor, avg: Params) -> dict:
-    """``ensemble_{acc,nll,ece}`` of the mean softmax and ``avg_{acc,nll,ece}`` of w_a (15-bin ECE), as
-    :func:`verify.measures.ensemble_metrics`. Cost: one test pass."""
-    z_avg, _ = problem.logits(w_a, avg, "test")  # type: ignore[misc]
-    e = measures.prob_metrics(probs / m, y, 15)
-    a = measures.prob_metrics(F.softmax(z_avg.double(), 1), y, 15)
-    keys = ("ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece")
-    return dict(zip(keys, (*e, *a), strict=True))
-
-
 def row(
     comm: Comm,
     problem: Problem,
@@ -120,7 +110,8 @@ def row(
     if drift:
         out["drift"] = 0.0 if g_sum is None else float((g_sum / m - problem.full_gradient(w_a, avg)).norm())
     if ens is not None:
-        out.update(_ensemble_metrics(problem, ens[0], ens[1], m, w_a, avg))
+        z_avg, _ = problem.logits(w_a, avg, "test")  # type: ignore[misc]
+        out.update(measures.ensemble_scores(ens[0] / m, ens[1], z_avg))
     if measures.due(s, cfg.sharpness_every, steps):
         out.update(measures.sharpness_at(problem, w_a, avg, samples=cfg.hess_samples, seed=cfg.seed))
     return out

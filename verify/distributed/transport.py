@@ -1,21 +1,14 @@
 """The torch.distributed transport of the one run loop (:func:`verify.engine.run_loop`): worker j = rank j.
 
-Rank j holds row j of W. Per step t it takes its local batch ``problem.batch(j, t)`` (the simulation's
-stateless stream) and the engine's own step function (:mod:`verify.algorithms`) runs on its one-row state,
-with:
-
-- gossip algorithms (``dsgd``, ``dsgd-atc``): ``mix`` = the gossip exchange with the in/out-neighbours read
-  off the nonzeros of P(t) (:meth:`TopologySchedule.neighbours`, recomputed from (seed, t) by every rank);
-- centralised ones: the gradient calls the algorithm's record names in ``reduce`` are averaged over the
-  ranks with one ``all_reduce`` (``sam``: the second, perturbed one); every rank then applies the same
-  update to its copy of the one model.
-
-Rank 0 writes the run directory in the simulation's formats (so either engine resumes the other's run);
-checkpoints gather the rows to rank 0, a resumed run scatters them back; the metrics row is computed with
-collectives (:mod:`.measure`). Divergence and rank 0's checkpoint clock are agreed on with one
-``all_reduce`` at every log and checkpoint step and at the step after a checkpoint was held.
-``result.json`` also gets a ``distributed`` block with the time per step split into compute and
-communication.
+Rank j holds row j of W and takes the simulation's batch stream for worker j; the engine's step functions run
+on its one-row state with ``mix`` = the exchange with the neighbours of P(t) (read off its nonzeros,
+recomputed from (seed, t) by every rank), and the gradient calls an algorithm's record names in ``reduce``
+averaged by one ``all_reduce`` (centralised algorithms: every rank then applies the same update). Rank 0
+writes the run directory in the simulation's formats (either engine resumes the other's run): checkpoints
+gather the rows, a resume scatters them, the metrics row uses collectives (:mod:`.measure`), and divergence
+plus rank 0's checkpoint clock are agreed on with one ``all_reduce`` at every log and checkpoint step and
+the step after a checkpoint was held. ``result.json`` gets a ``distributed`` block (compute vs
+communication time per step).
 """
 
 from __future__ import annotations
