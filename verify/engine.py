@@ -66,6 +66,10 @@ class RunResult:
     message: str | None = None
     wall_s: float = 0.0
 
+    def column(self, name: str) -> list[Any]:
+        """One metric over the logged rows (None where it was not measured)."""
+        return [row.get(name) for row in self.metrics]
+
 
 class _Log:
     """The metrics rows: kept in memory and, on the writing process, appended to ``metrics.csv``."""
