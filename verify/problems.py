@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sharpness.data import Dataset, shards
-from sharpness.functional import FunctionalLoss, Params, flatten, training_flags
+from sharpness.functional import FunctionalLoss, Params, flatten, make_loss, training_flags
 
 from .closed_form import ClosedFormProblem
 from .models import has_batchnorm
@@ -173,21 +173,13 @@ class ModelProblem(Problem):
         self, w: Tensor, buffers: Params | None = None, samples: int | None = None
     ) -> FunctionalLoss:
         """The full training loss ``L(w) = sum_b n_b loss_b / n`` in eval mode (BatchNorm: the given running
-        statistics, default the initial ones) as a :class:`FunctionalLoss` at ``w``; ``samples``: a fixed
-        seeded subset of the training set instead. Cost of building: nothing (no forward pass)."""
+        statistics, default the initial ones) as a :class:`FunctionalLoss` at ``w``, built by the one door
+        (:func:`sharpness.functional.make_loss`) on a copy of the model holding ``w``; ``samples``: a fixed
+        seeded subset of the training set instead. Cost of building: a copy of the model (no forward pass)."""
+        model = copy.deepcopy(self.model)
         bufs = self.buffers if buffers is None else buffers
-        data = self._split("train", samples)
-        total = float(sum(x.shape[0] for x, _ in data))
-
-        def term(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: self.loss_fn(self._forward(p, bufs, x, False), y)
-
-        terms = [term(x, y) for x, y in data]
-        weights = [x.shape[0] / total for x, _ in data]
-        loss = lambda p: sum(wt * f(p) for wt, f in zip(weights, terms, strict=True))
-        return FunctionalLoss(
-            loss=loss, params=self.unflatten(w.detach()), batch_losses=terms, weights=weights
-        )
+        model.load_state_dict({**self.unflatten(w.detach()), **bufs})
+        return make_loss(model, self.loss_fn, self._split("train", samples), check=False)
 
     def logits(
         self, w: Tensor, buffers: Params | None = None, split: str = "test", samples: int | None = None
