@@ -65,21 +65,31 @@ def test_an_unregistered_algorithm_is_refused_in_one_line():
         algorithms.register(algorithms.Algorithm("x", TOYS[0].step, "sideways", "x", "x"))
 
 
+def _bn(algo: str) -> RunConfig:
+    """BatchNorm statistics gossiped (dsgd) or averaged (csgd) with --mix-buffers."""
+    return RunConfig(algo=algo, topology="ring", workers=2, lr=0.1, local_batch=4, steps=4, dtype="float64",
+                     device="cpu", data="digits", model="small_cnn", model_kwargs={"width": 4, "bn": True},
+                     samples=64, test_samples=32, log_every=2, mix_buffers=True)  # fmt: skip
+
+
 def test_toy_algorithms_run_in_both_engines(toys, tmp_path):
-    plan = [{"config": _toy(t.name).to_dict(), "out": str(tmp_path / t.name)} for t in TOYS]
+    runs = {t.name: _toy(t.name) for t in TOYS} | {f"bn-{a}": _bn(a) for a in ("dsgd", "csgd")}
+    plan = [{"config": c.to_dict(), "out": str(tmp_path / name)} for name, c in runs.items()]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     res = launch_local([str(tmp_path / "plan.json"), "toy_algorithms:register_toys"], 2, timeout=20.0,
                        log_dir=tmp_path, command=[sys.executable, str(HERE / "dist_ranks.py")])  # fmt: skip
     assert res.returncode == 0, "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
-    for toy in TOYS:
-        sim = run(_toy(toy.name), None, progress=False)
-        W = torch.load(tmp_path / toy.name / "ckpt.pt", weights_only=True)["W"]
-        assert float((W - sim.state.W).abs().max()) < 1e-12, toy.name
-        rows = read_metrics(tmp_path / toy.name)
+    for name, config in runs.items():
+        sim = run(config, None, progress=False)
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        assert float((ckpt["W"] - sim.state.W).abs().max()) < 1e-12, name
+        for k, v in sim.state.buffers.items():
+            assert float((ckpt["buffers"][k].double() - v.double()).abs().max()) < 1e-12, (name, k)
+        rows = read_metrics(tmp_path / name)
         assert [r["step"] for r in rows] == [float(r["step"]) for r in sim.metrics]
         for got, want in zip(rows, sim.metrics, strict=True):
             for key, value in want.items():
                 if key != "elapsed_s" and value is not None:
-                    assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-13), (toy.name, key)
+                    assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-13), (name, key)
         spread = [r["consensus_distance"] for r in rows]
-        assert (max(spread) == 0.0) == (toy.kind == "centralised"), toy.name
+        assert (max(spread) == 0.0) == (algorithms.record(config.algo).kind == "centralised"), name

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sharpness.functional import Params, flatten
+from sharpness.functional import Params, flatten, unflatten
 
 from ..algorithms import ALGORITHMS, Algorithm, Grads, Mix, State
 from ..config import DTYPES, ConfigError, RunConfig, build_problem
@@ -153,23 +153,17 @@ class Ranks:
             bufs = {k: v[0] for k, v in like.buffers.items()}
             full = load_ckpt(out, torch.device("cpu"), comm.world, like.W.shape[1], bufs)[0]
         head = torch.tensor([full.step, full.momentum is not None] if full else [0, 0], dtype=torch.float64)
-        step, has_mom = (
-            int(v) for v in comm.broadcast(head.to(comm.device), "broadcast of the checkpoint step")
-        )
-        dev = comm.device
-        W = comm.scatter(full.W.to(dev) if full else None, like.W[0], "scatter of the parameters").unsqueeze(
-            0
-        )
-        bufs = {}
-        for k, v in like.buffers.items():
-            rows = full.buffers[k].to(dev) if full else None
-            bufs[k] = comm.scatter(rows, v[0], f"scatter of buffer {k}").unsqueeze(0)
-        mom = None
-        if has_mom:
-            mom = comm.scatter(full.momentum.to(dev) if full else None, like.W[0], "scatter of the momentum")
-            mom = mom.unsqueeze(0)
-        state = State(W, bufs, mom, step)
-        return state, self.execution(state, self.begin(step)[0])
+        head = comm.broadcast(head.to(comm.device), "broadcast of the checkpoint step")
+
+        def scatter(rows: torch.Tensor | None, one: torch.Tensor, what: str) -> torch.Tensor:
+            rows = None if rows is None else rows.to(comm.device)  # rank 0's (m, ...) tensor
+            return comm.scatter(rows, one[0], f"scatter of {what}").unsqueeze(0)
+
+        W = scatter(full and full.W, like.W, "the parameters")
+        bufs = {k: scatter(full and full.buffers[k], v, f"buffer {k}") for k, v in like.buffers.items()}
+        mom = scatter(full and full.momentum, like.W, "the momentum") if head[1] else None
+        state = State(W, bufs, mom, int(head[0]))
+        return state, self.execution(state, self.begin(state.step)[0])
 
     def execution(self, state: State, batches: Batch) -> str:
         """``analytic`` when the problem has batched closed-form gradients, else ``loop`` (one autograd
@@ -209,17 +203,13 @@ class Ranks:
         keys = [k for k, v in buffers.items() if v.is_floating_point()]
         if not keys:
             return buffers
-        flat = flatten({k: buffers[k] for k in keys})
+        floats = {k: buffers[k] for k in keys}
+        flat = flatten(floats)
         if gossip and self.nb is not None:
             flat = self.comm.gossip(flat, self.nb, "the gossip exchange of buffers")
         else:
             flat = self.comm.all_reduce(flat.clone(), "all_reduce of the buffers") / self.comm.world
-        out, offset = dict(buffers), 0
-        for k in keys:
-            n = buffers[k].numel()
-            out[k] = flat[offset : offset + n].reshape(buffers[k].shape)
-            offset += n
-        return out
+        return {**buffers, **unflatten(flat, floats)}
 
     def agree(self, first_bad: int | None, clock: bool) -> tuple[int | None, bool]:
         """The first step any rank diverged at, and rank 0's checkpoint clock. Cost: one ``all_reduce`` (MIN)
