@@ -1,12 +1,15 @@
 """The list of figures and how one is rendered: draw, save PNG + PDF, write the caption.
 
-Each figure module defines ``NAME`` (``figN_topic``), ``TITLE``, ``needs(preset) -> list[RunSpec]`` (the runs
-it reads), ``CHECKS`` (the suite checks it reads; may be empty) and ``draw(ctx) -> (Figure, Caption)``.
+The figures are the package's ``figN_topic`` modules (:data:`MODULES`, found on disk). Each defines ``NAME``
+(``figN_topic``), ``TITLE``, ``needs(preset) -> list[RunSpec]`` (the runs it reads), ``CHECKS`` (the suite
+checks it reads; may be empty) and ``draw(ctx) -> (Figure, Caption)``.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +20,16 @@ from .context import FigureContext
 from .presets import Preset, RunSpec
 from .sources import FiguresError
 
-MODULES = (
-    "fig1_accuracy",
-    "fig2_landscape",
-    "fig3_sharpness",
-    "fig4_consensus",
-    "fig5_equivalence",
-    "fig6_large_batch",
-    "fig7_smoothing",
-    "fig8_uncertainty",
+#: Every ``figN_topic.py`` module of this package, in figure order: adding a figure is adding its module.
+MODULES = tuple(
+    sorted(
+        (
+            m.name
+            for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+            if re.fullmatch(r"fig\d+_\w+", m.name)
+        ),
+        key=lambda n: int(n[3:].partition("_")[0]),
+    )
 )
 
 

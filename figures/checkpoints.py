@@ -5,9 +5,7 @@ the training loss around it, its sharpness, and the workers' predictions from ``
   its ``config.json``: data spec, ``samples``, seed), in eval mode (BatchNorm: the running statistics saved
   with the average model), as a :class:`~sharpness.functional.FunctionalLoss`. Cost: one forward pass (the
   input check).
-- :func:`sharpness_of`: ``Tr H`` (Hutchinson, ``sharpness.trace.hessian_trace``, with its standard error) and
-  ``lambda_max`` (Lanczos, ``sharpness.lanczos.top_eigenvalues``, with its residual ``||H v - lambda v||`` as
-  the error) of that loss. Cost: ``probes`` + the Lanczos iterations HVPs.
+- its ``Tr H`` and ``lambda_max``, with their errors: :func:`sharpness.at_point.sharpness_at`.
 - :func:`worker_probabilities`: softmax outputs of every worker ``w_j`` (rows of ``ckpt.pt``'s ``W``, each
   with its own BatchNorm buffers) and of the average model on the run's test split. Cost: m + 1 forward
   passes.
@@ -15,7 +13,6 @@ the training loss around it, its sharpness, and the workers' predictions from ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,15 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sharpness.checkpoint import load_model
+from sharpness.data import load_dataset
 from sharpness.functional import FunctionalLoss, make_loss, unflatten
+from verify.rundir import RunDirError, read_ckpt
 
 from .sources import FiguresError, RunData
 
 
 def average_model(run: RunData, device: str = "cpu") -> nn.Module:
     """The average model of a finished run, from ``avg.pt`` (eval mode)."""
-    from sharpness.checkpoint import load_model
-
     path = run.path / "avg.pt"
     if not path.is_file():
         raise FiguresError(f"{path} not found (the run diverged or is unfinished; it has no average model)")
@@ -42,8 +40,6 @@ def average_model(run: RunData, device: str = "cpu") -> nn.Module:
 def run_data(run: RunData, split: str, samples: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """The run's ``split`` data as the engine loaded it (its ``samples``/``test_samples`` subset), then an
     optional seeded subset of ``samples`` points."""
-    from sharpness.data import load_dataset
-
     c = run.config
     if c.get("closed_form") is not None:
         raise FiguresError(f"run {run.path} is a closed-form problem: it has no data set")
@@ -67,35 +63,14 @@ def average_loss(run: RunData, samples: int | None = None, device: str = "cpu") 
     return make_loss(model, F.cross_entropy, _batches(x, y, dtype), device=device)
 
 
-@dataclass
-class Sharpness:
-    """``Tr H`` ± its Hutchinson standard error; ``lambda_max`` ± its Lanczos residual norm."""
-
-    trace: float
-    trace_se: float
-    lmax: float
-    lmax_err: float
-    n_hvp: int
-
-
-def sharpness_of(fl: FunctionalLoss, probes: int = 100, tol: float = 1e-4, seed: int = 0) -> Sharpness:
-    """Tr H and lambda_max of ``fl`` at its point (module docstring)."""
-    from sharpness.lanczos import top_eigenvalues
-    from sharpness.trace import hessian_trace
-
-    tr = hessian_trace(fl, n_probes=int(probes), seed=seed)
-    ev = top_eigenvalues(fl, k=1, tol=tol, seed=seed)
-    return Sharpness(tr.value, tr.stderr, ev.values[0], ev.residuals[0], tr.n_hvp + ev.n_hvp)
-
-
 def _load_ckpt(run: RunData) -> dict[str, Any]:
     path = run.path / "ckpt.pt"
     if not path.is_file():
         raise FiguresError(f"{path} not found: the workers' final state is needed")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FiguresError(f"{path} cannot be read: {str(exc).splitlines()[0]}") from exc
+        return read_ckpt(path)
+    except RunDirError as exc:
+        raise FiguresError(str(exc)) from None
 
 
 def worker_probabilities(run: RunData, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sharpness.arguments import OneLineParser
+from sharpness.functional import resolve_device
 
 from .catalog import MODULES, all_modules, checks_needed, module, render, runs_needed
 from .context import FigureContext
@@ -76,8 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     t_inputs = time.perf_counter() - t0
-    from sharpness.functional import resolve_device
-
     ctx = FigureContext(preset, runs_dir, report_dir, Path(args.out), str(resolve_device(device)))
     failures: dict[str, str] = {}
     for m in mods:

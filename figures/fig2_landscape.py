@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 from matplotlib import colors
 
+from sharpness.at_point import sharpness_at as sharpness_of
+from sharpness.landscape import loss_line, loss_surface
 from sharpness.results import jsonable, write_json
 
 from . import style
 from .captions import Caption, fmt
-from .checkpoints import average_loss, sharpness_of
+from .checkpoints import average_loss
 from .context import FigureContext
 from .presets import Preset, RunSpec
 from .sources import RunData
@@ -40,8 +42,6 @@ def needs(preset: Preset) -> list[RunSpec]:
 def landscape(run: RunData, settings: dict[str, Any], device: str, cache_dir: Any) -> dict[str, Any]:
     """Surface, line and sharpness of one run's average model (cached). Cost: grid^2 + line forward passes
     over the data, plus ``trace_probes`` HVPs and the Lanczos iterations."""
-    from sharpness.landscape import loss_line, loss_surface
-
     avg = run.path / "avg.pt"
     st = avg.stat() if avg.is_file() else None
     key = {

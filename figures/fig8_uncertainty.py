@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from verify.claims.t10_uncertainty import BAR
+from verify.measures import ece
+
 from . import style
 from .captions import Caption
 from .checkpoints import worker_probabilities
@@ -59,8 +62,6 @@ def reliability(probs: torch.Tensor, y: torch.Tensor, bins: int = BINS) -> dict[
 
 def scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy, NLL and 15-bin ECE (the engine's :func:`verify.measures.ece`)."""
-    from verify.measures import ece
-
     nll = float(-torch.log(probs.gather(1, y.reshape(-1, 1)).clamp_min(1e-300)).mean())
     return {"acc": float((probs.argmax(1) == y).double().mean()), "nll": nll, "ece": ece(probs, y)}
 
@@ -210,7 +211,7 @@ def _notes(ctx: FigureContext) -> list[str]:
             f"{meas['cos_xi_posterior']:.3f} with the posterior covariance: "
             + (
                 "the measurement supports the paper's reading 'Xi ~ posterior covariance'."
-                if meas["cos_xi_posterior"] > 0.95
+                if meas["cos_xi_posterior"] > BAR  # T10's own bar
                 else "the measurement does not support the paper's reading 'Xi ~ posterior covariance'."
             )
         )

@@ -13,6 +13,15 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+from sharpness.functional import resolve_device
+from verify.claims.registry import get
+from verify.claims.report import write_report
+from verify.claims.runner import run_checks
+from verify.config import RunConfig
+from verify.engine import run
+
 from .context import config_mismatch, run_status
 from .presets import Preset, RunSpec
 from .sources import FiguresError, load_report, load_run
@@ -25,9 +34,6 @@ def missing_runs(specs: Iterable[RunSpec], runs_dir: Path) -> list[RunSpec]:
 
 def produce_runs(specs: Iterable[RunSpec], runs_dir: Path, device: str, progress: bool = True) -> list[Path]:
     """Run every spec into ``runs_dir/<label>`` with :func:`verify.engine.run`. Cost: the runs themselves."""
-    from verify.config import RunConfig
-    from verify.engine import run
-
     done = []
     specs = list(specs)
     for i, spec in enumerate(specs, 1):
@@ -62,13 +68,6 @@ def produce_report(preset: Preset, check_ids: Iterable[str], report_dir: Path, d
 
     The checks already in an existing report there are run again too, so the report stays one consistent
     run."""
-    import torch
-
-    from sharpness.functional import resolve_device
-    from verify.claims.registry import get
-    from verify.claims.report import write_report
-    from verify.claims.runner import run_checks
-
     ids = list(dict.fromkeys(check_ids))
     if (report_dir / "report.json").is_file():
         ids = list(dict.fromkeys(list(load_report(report_dir).checks) + ids))

@@ -6,19 +6,20 @@
 - a suite report (``dsgd-verify check --report DIR``): ``report.json`` (``{"checks": [...], "settings"}``) and
   one ``<id>_<series>.csv`` per raw series of a check.
 
-Nothing here trains or measures; a missing or malformed file raises :class:`FiguresError` with one line naming
-it.
+Run directories are read with :mod:`verify.rundir`'s readers (the files' one writer); nothing here trains or
+measures; a missing or malformed file raises :class:`FiguresError` with one line naming it.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from verify.rundir import RunDirError, parse_metrics, read_config, read_json
 
 
 class FiguresError(ValueError):
@@ -26,12 +27,10 @@ class FiguresError(ValueError):
 
 
 def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FiguresError(f"{path} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FiguresError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return read_json(path)
+    except RunDirError as exc:
+        raise FiguresError(str(exc)) from None
 
 
 def read_csv_columns(path: Path) -> dict[str, np.ndarray]:
@@ -99,17 +98,24 @@ class RunData:
 
 
 def load_run(path: str | Path) -> RunData:
-    """Read a run directory (config.json, metrics.csv, result.json if present)."""
+    """Read a run directory (config.json, metrics.csv, result.json if present) with verify's own readers
+    (:mod:`verify.rundir`: a torn or unparsable metrics row is dropped, as a resumed run drops it)."""
     path = Path(path)
     if not path.is_dir():
         raise FiguresError(f"run directory {path} not found")
-    cfg = _read_json(path / "config.json")
-    if not isinstance(cfg, dict) or "config" not in cfg:
-        raise FiguresError(f"{path / 'config.json'} is not a verify run config (no 'config' key)")
-    metrics = read_csv_columns(path / "metrics.csv")
-    if "step" not in metrics or metrics["step"].dtype == object:
-        raise FiguresError(f"{path / 'metrics.csv'} has no numeric 'step' column")
-    result = _read_json(path / "result.json") if (path / "result.json").is_file() else None
+    try:
+        cfg = read_config(path)
+        if not (path / "metrics.csv").is_file():
+            raise FiguresError(f"{path / 'metrics.csv'} not found")
+        header, rows = parse_metrics(path / "metrics.csv")
+        result = read_json(path / "result.json") if (path / "result.json").is_file() else None
+    except RunDirError as exc:
+        raise FiguresError(str(exc)) from None
+    if "step" not in header:
+        raise FiguresError(f"{path / 'metrics.csv'} has no 'step' column")
+    metrics = {
+        k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows], dtype=float) for k in header
+    }
     return RunData(path, dict(cfg["config"]), dict(cfg.get("run", {})), metrics, result)
 
 

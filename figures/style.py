@@ -10,18 +10,22 @@ PNG (150 dpi) and PDF atomically. Matplotlib runs on the Agg backend (no display
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 from sharpness.results import atomic_write  # noqa: E402
+from verify.algorithms import ALGORITHMS  # noqa: E402
 
 #: The Okabe-Ito palette.
 OKABE_ITO = {
@@ -36,44 +40,21 @@ OKABE_ITO = {
     "grey": "#999999",
 }
 
-#: One colour per algorithm / topology, the same in every figure.
-ALGO_COLORS = {
-    "csgd": OKABE_ITO["black"],
-    "ring": OKABE_ITO["vermillion"],
-    "grid": OKABE_ITO["bluish_green"],
-    "exponential": OKABE_ITO["blue"],
-    "complete": OKABE_ITO["orange"],
-    "sam": OKABE_ITO["reddish_purple"],
-    "avgsam": OKABE_ITO["sky_blue"],
-    "disconnected": OKABE_ITO["grey"],
-    "torus": OKABE_ITO["yellow"],
+#: One colour, legend name and marker per key: a topology for the gossip algorithms (D-SGD), the algorithm
+#: itself for the others (from its record in ``verify.algorithms``), the same in every figure.
+TOPOLOGY_STYLE = {  # colour, legend name, marker
+    "ring": ("vermillion", "D-SGD ring", "o"),
+    "grid": ("bluish_green", "D-SGD grid", "^"),
+    "exponential": ("blue", "D-SGD exponential", "D"),
+    "complete": ("orange", "D-SGD complete (AWC)", "v"),
+    "disconnected": ("grey", "no communication (P = I)", "x"),
+    "torus": ("yellow", "D-SGD torus", "<"),
 }
-
-#: Readable names for legends.
-ALGO_LABELS = {
-    "csgd": "C-SGD",
-    "ring": "D-SGD ring",
-    "grid": "D-SGD grid",
-    "exponential": "D-SGD exponential",
-    "complete": "D-SGD complete (AWC)",
-    "sam": "SAM",
-    "avgsam": "average-direction SAM",
-    "disconnected": "no communication (P = I)",
-    "torus": "D-SGD torus",
-}
-
-#: Markers per algorithm (a second cue besides colour).
-ALGO_MARKERS = {
-    "csgd": "s",
-    "ring": "o",
-    "grid": "^",
-    "exponential": "D",
-    "complete": "v",
-    "sam": "P",
-    "avgsam": "X",
-    "disconnected": "x",
-    "torus": "<",
-}
+_OTHERS = {k: a for k, a in ALGORITHMS.items() if a.kind != "gossip"}
+ALGO_COLORS = {k: OKABE_ITO[c] for k, (c, _, _) in TOPOLOGY_STYLE.items()}
+ALGO_COLORS.update({k: OKABE_ITO[a.color] for k, a in _OTHERS.items()})
+ALGO_LABELS = {**{k: v[1] for k, v in TOPOLOGY_STYLE.items()}, **{k: a.label for k, a in _OTHERS.items()}}
+ALGO_MARKERS = {**{k: v[2] for k, v in TOPOLOGY_STYLE.items()}, **{k: a.marker for k, a in _OTHERS.items()}}
 
 PREDICTION = {"color": "#444444", "ls": "--", "lw": 1.3}
 CONTROL_COLOR = OKABE_ITO["grey"]
@@ -103,7 +84,7 @@ RC = {
 
 def algo_key(algo: str, topology: Any = None) -> str:
     """The colour key of a run: ``csgd``/``sam``/``avgsam`` by algorithm, D-SGD by its topology name."""
-    if algo in ("dsgd", "dsgd-atc"):
+    if algo in ALGORITHMS and ALGORITHMS[algo].kind == "gossip":
         return str(topology) if isinstance(topology, str) else "ring"
     return algo
 
@@ -143,10 +124,6 @@ def title(ax: Any, letter: str, text: str, **kw: Any) -> None:
 def plain_log_ticks(ax: Any, axis: str = "y") -> None:
     """Plain-number tick labels (``20``, ``0.6``) on a log axis spanning < 2 decades; minor ticks are labelled
     at 2, 3 and 5 x 10^k (all of 2-8 below a factor 3), and only when the axis spans less than a factor 30."""
-    import math
-
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
     if not (lo > 0 and hi / lo < 100):
         return
@@ -164,9 +141,6 @@ def plain_log_ticks(ax: Any, axis: str = "y") -> None:
 
 def data_ticks(ax: Any, values: Any, axis: str = "x") -> None:
     """Major ticks at the (few) distinct data values, labelled as plain numbers; no minor labels."""
-    import numpy as np
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
-
     v = np.unique(np.asarray(values, dtype=float))
     target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_locator(FixedLocator(v))

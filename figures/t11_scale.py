@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from . import style
@@ -44,8 +45,6 @@ def read_series(folder: Path) -> dict[str, list[dict[str, np.ndarray]]]:
 
 
 def accuracy_figure(series: dict, title: str):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, b in zip(axes, BATCHES, strict=True):
         runs = series[b]
@@ -68,8 +67,6 @@ def accuracy_figure(series: dict, title: str):
 
 
 def flatness_figure(series: dict, title: str):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for j, b in enumerate(BATCHES):
         for i, (key, ylab) in enumerate((("lambda_max", "lambda_max"), ("trace_h", "Tr H"))):

@@ -30,9 +30,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .datafiles import NP_RECONSTRUCT, NP_SCALAR
 from .formats import HF_CONFIG, choose_prefix, hf_model, is_lightning, pick_key
 from .functional import SharpnessInputError, resolve_device
 from .importing import import_callable
@@ -114,16 +116,8 @@ def save_checkpoint(
 
 def _safe_globals() -> list[Any]:
     """Harmless globals real checkpoints hold beside the weights: numpy scalars/arrays, Namespace."""
-    import numpy as np
-
-    from .datafiles import _np_reconstruct
-
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     dtypes = [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFD"]
-    return [scalar, _np_reconstruct(), np.ndarray, np.dtype, *dtypes, argparse.Namespace]
+    return [NP_SCALAR, NP_RECONSTRUCT, np.ndarray, np.dtype, *dtypes, argparse.Namespace]
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:

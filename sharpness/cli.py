@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,11 +18,17 @@ import torch
 
 from . import __version__
 from .arguments import build_parser
+from .checkpoint import load_model
+from .data import load_dataset
+from .demo import DEFAULT_DEMO_PATH, train_demo
 from .functional import SharpnessInputError, check_loss, make_loss, private_rng, resolve_device
-from .inputs import loss_description
+from .inputs import accuracy, batch_statistics_note, check_fit, loss_description, loss_function
+from .memory import describe_products, parse_budget
 from .parallel import DistributedSharpnessError, cli_done, cli_ranks, describe
-from .report import ReportSettings
+from .report import METRICS, ReportSettings, parse_metrics, run_report, select_metrics
+from .results import check_destination, environment, write_json
 from .sequence import ATTENTION_KERNEL
+from .table import format_table, report_json
 
 
 def _first_line(exc: BaseException) -> str:
@@ -87,9 +92,6 @@ def _arch_kwargs(text: str | None) -> dict[str, Any] | None:
 def _check_destinations(args: argparse.Namespace) -> None:
     """Before any work: ``--out`` is neither the checkpoint (``--demo``: the one it will save) nor the data
     file, and ``--out``/``--plot`` can be written (a long measurement must not end in an unwritable path)."""
-    from .demo import DEFAULT_DEMO_PATH
-    from .results import check_destination
-
     if args.out:
         out = Path(args.out).expanduser().resolve()
         checkpoint = args.checkpoint or (DEFAULT_DEMO_PATH if args.demo else None)
@@ -109,20 +111,11 @@ def _check_destinations(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, check, measure, print; then plots and JSON if asked. Raises on bad input."""
-    from .checkpoint import load_model
-    from .data import load_dataset
-    from .inputs import accuracy, batch_statistics_note, check_fit, loss_function
-    from .memory import describe_products, parse_budget
-    from .report import METRICS, parse_metrics, run_report, select_metrics
-    from .table import format_table, report_json
-
     started = time.perf_counter()
     device = resolve_device(args.device)
     _check_destinations(args)
     args.ranks, device = cli_ranks(args, device)  # under torchrun: this rank's share of the batches
     if args.demo:
-        from .demo import DEFAULT_DEMO_PATH, train_demo
-
         if args.arch or args.arch_kwargs:
             raise SharpnessInputError("--demo builds its own model: leave out --arch/--arch-kwargs")
         # The demo MLP is tiny: one thread is fastest, and far faster than several on a busy machine.
@@ -220,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"\nplots: {', '.join(str(p) for p in plots['files'])}")
     if args.out:
-        from .results import write_json
-
         doc = {
             "tool": "sharpness",
             "version": __version__,
@@ -291,30 +282,3 @@ def _header(
         ("mode", mode),
         ("device", f"{device}; seed {args.seed}; attention kernel {ATTENTION_KERNEL}"),
     ]
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """Versions of everything that shapes the numbers, and the device."""
-    import matplotlib
-    import numpy
-    import scipy
-    import tqdm
-
-    env = {
-        "sharpness": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "matplotlib": matplotlib.__version__,
-        "tqdm": tqdm.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "threads": str(torch.get_num_threads()),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = str(torch.version.cuda)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env

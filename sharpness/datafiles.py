@@ -8,6 +8,7 @@ Nothing here runs code from a file: ``.pt`` files load with ``weights_only=True`
 
 from __future__ import annotations
 
+import _codecs
 import gzip
 import io
 import pickle
@@ -20,6 +21,12 @@ import torch
 from torch import Tensor
 
 from .functional import SharpnessInputError
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct as NP_RECONSTRUCT
+    from numpy._core.multiarray import scalar as NP_SCALAR  # noqa: F401 (for sharpness.checkpoint)
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as NP_RECONSTRUCT  # type: ignore[no-redef]
 
 XY = tuple[Tensor, Tensor, dict[str, Any]]
 KEY_PAIRS = (("x", "y"), ("inputs", "targets"), ("data", "labels"))
@@ -93,18 +100,8 @@ def read_array_file(path: Path) -> XY:
 # --------------------------------------------------------------------------------------------- CIFAR-10
 
 
-def _np_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
-
-
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    import _codecs
-
-    rec = _np_reconstruct()
+    rec = NP_RECONSTRUCT
     return {
         ("numpy.core.multiarray", "_reconstruct"): rec,
         ("numpy._core.multiarray", "_reconstruct"): rec,

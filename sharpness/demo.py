@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import save_checkpoint
+from .data import load_dataset
+
 #: Where ``sharpness --demo`` saves its checkpoint unless told otherwise.
 DEFAULT_DEMO_PATH = Path("runs/demo/model.pt")
 ARCH = "sharpness.demo:mlp"
@@ -49,9 +52,6 @@ def train_demo(
     seconds on one CPU core). Returns ``(model, path, info)``; ``info`` holds the training settings and the
     final train loss, and is recorded in the checkpoint.
     """
-    from .checkpoint import save_checkpoint
-    from .data import load_dataset
-
     train = load_dataset("digits", split="train", seed=seed)
     x, y = train.x.float(), train.y.long()
     in_features = int(x[0].numel())

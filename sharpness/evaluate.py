@@ -18,11 +18,11 @@ from .functional import (
     FunctionalLoss,
     SharpnessInputError,
     check_loss,
-    make_loss,
     private_rng,
     require_finite,
     require_finite_gradient,
 )
+from .hvp import as_functional
 
 
 def prepare(
@@ -36,24 +36,14 @@ def prepare(
     seed: int | None,
     **extra: Any,
 ) -> tuple[FunctionalLoss, dict[str, Any]]:
-    """The :class:`FunctionalLoss` to measure and the settings dict to record with the result.
-
-    A ready ``FunctionalLoss`` was built with its own ``params``/``train_mode``/``device``; passing those
-    again would be silently ignored, so it is refused. Cost: one forward pass per batch (the input check).
-    """
-    if isinstance(model, FunctionalLoss):
-        if params is not None or train_mode or device is not None or loss_fn is not None or data is not None:
-            raise SharpnessInputError(
-                "params/train_mode/device/loss_fn/data apply only when a model is given, not a FunctionalLoss"
-            )
-        fl = model
+    """The :class:`FunctionalLoss` to measure (:func:`sharpness.hvp.as_functional`, the one door) and the
+    settings dict to record with the result. Cost: one forward pass per batch (the input check)."""
+    fl = as_functional(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
+    if fl is model:
         with private_rng(0):  # dropout in a train-mode FunctionalLoss: the caller's RNG is not advanced
             check_loss(fl)
         settings: dict[str, Any] = {"input": "FunctionalLoss", "params": None, "train_mode": None}
     else:
-        if loss_fn is None or data is None:
-            raise SharpnessInputError("a model needs both loss_fn and data")
-        fl = make_loss(model, loss_fn, data, params=params, train_mode=train_mode, device=device)
         settings = {"input": "model", "params": params, "train_mode": bool(train_mode)}
     settings.update(
         {

@@ -42,9 +42,16 @@ def as_functional(
     device: str | torch.device | None = None,
     group: Any = None,
 ) -> FunctionalLoss:
-    """Accept either a ready :class:`FunctionalLoss` or the ``(model, loss_fn, data)`` triple (``group``: the
-    process group whose ranks split the data, see :mod:`sharpness.parallel`)."""
+    """The one door from ``(model, loss_fn, data)`` to a :class:`FunctionalLoss` (:func:`make_loss`), or a
+    ready ``FunctionalLoss`` as it is: it was built with its own ``params``/``train_mode``/``device``, so
+    passing any of those (or ``loss_fn``/``data``/``group``) with it is refused, never silently ignored.
+    ``group``: the process group whose ranks split the data (:mod:`sharpness.parallel`). Cost: one forward
+    pass per batch for a model (the input check)."""
     if isinstance(model, FunctionalLoss):
+        if params is not None or train_mode or device is not None or loss_fn is not None or data is not None:
+            raise SharpnessInputError(
+                "params/train_mode/device/loss_fn/data apply only when a model is given, not a FunctionalLoss"
+            )
         return model
     if loss_fn is None or data is None:
         raise SharpnessInputError("a model needs both loss_fn and data")
@@ -269,17 +276,25 @@ class HessianOperator:
         return 0.5 * (H + H.T)
 
     def to_scipy(self) -> LinearOperator:
-        """A float64 ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out)."""
-
-        def mv(x: np.ndarray) -> np.ndarray:
-            v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
-            return self.matvec(v).double().cpu().numpy()
-
-        def mm(X: np.ndarray) -> np.ndarray:
-            V = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
-            return self.matmat(V).double().cpu().numpy()
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
+        """A float64 ``scipy.sparse.linalg.LinearOperator`` view (:func:`scipy_view`)."""
+        return scipy_view(self)
 
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
+
+
+def scipy_view(op: Any) -> LinearOperator:
+    """A float64 ``scipy.sparse.linalg.LinearOperator`` view of any symmetric operator with ``matvec``,
+    ``matmat``, ``num_params``, ``dtype`` and ``device`` (numpy in, numpy out; products counted by ``op``).
+    Cost: one product of ``op`` per vector."""
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=op.dtype, device=op.device)
+        return op.matvec(v).double().cpu().numpy()
+
+    def mm(X: np.ndarray) -> np.ndarray:
+        V = torch.as_tensor(np.asarray(X), dtype=op.dtype, device=op.device)
+        return op.matmat(V).double().cpu().numpy()
+
+    d = op.num_params
+    return LinearOperator((d, d), matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)

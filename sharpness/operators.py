@@ -17,7 +17,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from .functional import Batch, FunctionalLoss, SharpnessInputError
-from .hvp import HessianOperator
+from .hvp import HessianOperator, scipy_view
 
 _OPERATOR_ATTRS = ("matmat", "matvec", "num_params", "dtype", "device", "hvp_count")
 
@@ -77,23 +77,6 @@ class MatrixOperator:
 
     def __matmul__(self, other: Tensor) -> Tensor:
         return self.matvec(other) if other.dim() == 1 else self.matmat(other)
-
-
-def scipy_view(op: Any) -> LinearOperator:
-    """A float64 scipy view of any operator (numpy in, numpy out), products counted by ``op``."""
-    if hasattr(op, "to_scipy") and not isinstance(op, MatrixOperator):
-        return op.to_scipy()
-    d = op.num_params
-
-    def mv(x: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=op.dtype, device=op.device)
-        return op.matvec(v).double().cpu().numpy()
-
-    def mm(X: np.ndarray) -> np.ndarray:
-        V = torch.as_tensor(np.asarray(X), dtype=op.dtype, device=op.device)
-        return op.matmat(V).double().cpu().numpy()
-
-    return LinearOperator((d, d), matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
 
 
 def is_operator(obj: Any) -> bool:

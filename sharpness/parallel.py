@@ -26,6 +26,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -214,8 +218,6 @@ def leave() -> None:
 def loopback_env(rank: int, world: int, port: int, threads: int | None = None) -> dict[str, str]:
     """The environment ``torchrun`` would give rank ``rank`` of ``world`` on this machine, store on
     ``127.0.0.1:port`` (rank 0 hosts it), gloo bound to the loopback interface."""
-    import socket
-
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 1) // world))}  # fmt: skip
@@ -234,10 +236,6 @@ def launch_loopback(
     return their exit codes; ranks still running after ``timeout`` seconds are killed (code -9). This
     process hosts the store (port picked by the OS), as torchrun's agent does, so the diagnosis of a failure
     survives the rank that noticed it first."""
-    import subprocess
-    import sys
-    import time
-
     store = dist.TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=max(timeout, 5.0)))  # fmt: skip
     hosted = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
@@ -276,8 +274,6 @@ def cli_ranks(args: Any, device: torch.device) -> tuple[DataParallel | None, tor
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     _ACTIVE.append(dp)
     if dp.rank != 0:
-        import sys
-
         args.out, args.no_progress = None, True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the process ends with the command
     return dp, device

@@ -18,6 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .functional import make_loss  # noqa: E402
+from .lanczos import top_eigenvalues  # noqa: E402
+from .landscape import loss_line, loss_surface, random_direction  # noqa: E402
+from .progress import Progress, counting_loss  # noqa: E402
 from .results import atomic_write  # noqa: E402
 
 
@@ -127,11 +131,6 @@ def report_plots(
     Cost: ``n_line + 1`` and ``n_grid^2 + 1`` forward passes per batch (twice with ``eigen``), plus top-2
     eigenvectors by Lanczos if the report holds none. Returns ``{"files", "results", "notes"}``.
     """
-    from .functional import make_loss
-    from .lanczos import top_eigenvalues
-    from .landscape import loss_line, loss_surface, random_direction
-    from .progress import Progress, counting_loss
-
     out = Path(outdir)
     files: list[Path] = []
     results: dict[str, Any] = {}

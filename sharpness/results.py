@@ -11,13 +11,17 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import tempfile
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .functional import SharpnessInputError
 
 
 def jsonable(obj: Any) -> Any:
@@ -41,13 +45,37 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, str]:
-    """Versions and device, recorded with every result."""
-    return {
+    """Versions of everything that shapes the numbers (scipy, matplotlib, tqdm and this toolkit read from the
+    installed distributions' metadata, so nothing is imported for it), the platform, torch's thread count
+    and the device: recorded with every result (``sharpness --out``, a verify run's ``config.json``).
+    Cost: a few metadata reads."""
+    device = torch.device(device if device is not None else "cpu")
+    env = {
+        "sharpness": _version("dsgd-sam"),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
-        "device": str(device) if device is not None else "cpu",
+        "scipy": _version("scipy"),
+        "matplotlib": _version("matplotlib"),
+        "tqdm": _version("tqdm"),
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
     }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
 
 
 @dataclasses.dataclass
@@ -92,8 +120,6 @@ def check_destination(path: str | os.PathLike[str], what: str, *, directory: boo
     """Raise a one-line :class:`~sharpness.functional.SharpnessInputError` unless ``path`` can be written as a
     file (``directory=False``) or used as a folder of files: an existing path of the other kind, a parent that
     is a file, or a folder this process may not write into. Creates nothing. Cost: a few ``stat`` calls."""
-    from .functional import SharpnessInputError
-
     p = Path(path).expanduser()
     kind = "folder" if directory else "file"
     if p.exists() and p.is_dir() != directory:

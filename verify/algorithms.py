@@ -32,17 +32,19 @@ Costs per step: m gradients (``sam``: 2m), one gossip product (dsgd/dsgd-atc), O
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sharpness.functional import Params
 
-from .problems import STREAM_PERTURB, generator
+from .problem import STREAM_PERTURB, generator
 
 Grads = Callable[[Tensor, Params], tuple[Tensor, Tensor, Params]]
 Mix = Callable[[Tensor], Tensor]
+Step = Callable[..., "tuple[State, Tensor]"]
 
 
 class AlgorithmError(ValueError):
@@ -71,7 +73,9 @@ class State:
 @dataclass(frozen=True)
 class AlgoConfig:
     """Settings the step functions read: ``momentum`` mu, ``weight_decay`` wd, SAM radius ``rho``, avgsam
-    ``sigma`` or ``perturbation`` (t -> (m, d) eps), ``local_steps`` H of local SGD, and the run ``seed``."""
+    ``sigma`` or ``perturbation`` (t -> (m, d) eps), ``local_steps`` H of local SGD, the run ``seed``, and
+    which of the ``workers`` rows the state holds: rows ``first, first + 1, ...`` (a distributed rank holds
+    one; ``workers`` 0: all of them)."""
 
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -80,6 +84,14 @@ class AlgoConfig:
     perturbation: Callable[[int], Tensor] | None = None
     local_steps: int = 1
     seed: int = 0
+    workers: int = 0
+    first: int = 0
+
+    @classmethod
+    def of(cls, settings: Any, **given: Any) -> AlgoConfig:
+        """The fields a run's settings (a :class:`~verify.config.RunConfig`) have, then ``given``."""
+        names = [f.name for f in fields(cls) if f.name not in given and hasattr(settings, f.name)]
+        return cls(**{n: getattr(settings, n) for n in names}, **given)
 
 
 def lr_at(t: int, lr: float, warmup: int = 0, milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
@@ -148,16 +160,18 @@ def avgsam_perturbation(t: int, m: int, d: int, sigma: float, seed: int, like: T
 
 
 def avgsam(state: State, grads: Grads, mix: Mix, lr: float, cfg: AlgoConfig) -> tuple[State, Tensor]:
-    """Average-direction SAM: ``u = mean_j grad L_j(w + eps_j)``; losses are at the perturbed points. Cost: m
-    gradients."""
+    """Average-direction SAM: ``u = mean_j grad L_j(w + eps_j)``; losses are at the perturbed points (the
+    state's rows of the (m, d) eps). Cost: m gradients."""
+    m, rows = cfg.workers or state.m, slice(cfg.first, cfg.first + state.m)
     if cfg.perturbation is not None:
         E = cfg.perturbation(state.step).to(state.W)
-        if E.shape != state.W.shape:
+        if E.shape != (m, state.W.shape[1]):
             raise AlgorithmError(
-                f"perturbation({state.step}) has shape {tuple(E.shape)}, need {tuple(state.W.shape)}"
+                f"perturbation({state.step}) has shape {tuple(E.shape)}, need {(m, state.W.shape[1])}"
             )
     else:
-        E = avgsam_perturbation(state.step, state.m, state.W.shape[1], cfg.sigma, cfg.seed, state.W)
+        E = avgsam_perturbation(state.step, m, state.W.shape[1], cfg.sigma, cfg.seed, state.W)
+    E = E[rows]
     G, losses, buffers = grads(state.W + E, state.buffers)
     return _centralised(state, G.mean(0), lr, cfg, buffers), losses
 
@@ -172,22 +186,80 @@ def local_sgd(state: State, grads: Grads, mix: Mix, lr: float, cfg: AlgoConfig) 
     return State(W, buffers, mom, state.step + 1), losses
 
 
-ALGORITHMS: dict[str, Callable[..., tuple[State, Tensor]]] = {
-    "dsgd": dsgd,
-    "dsgd-atc": dsgd_atc,
-    "csgd": csgd,
-    "sam": sam,
-    "avgsam": avgsam,
-    "local-sgd": local_sgd,
-}
-#: Algorithms that hold one model (every row of W equal at all times).
-CENTRALISED = ("csgd", "sam", "avgsam")
-#: Algorithms that apply the gossip product.
-GOSSIP = ("dsgd", "dsgd-atc")
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything the toolkit knows about one algorithm; :func:`register` adds one, and the engine (both
+    transports), the configuration, the command line and the figures read it from :data:`ALGORITHMS`.
+
+    - ``step``: the step function (module docstring);
+    - ``kind``: ``gossip`` (``mix`` is the gossip product P(t) every step, BatchNorm buffers mixed with it),
+      ``centralised`` (one model: every row of W equal; ``mix`` unused, buffers averaged every step) or
+      ``local`` (rows evolve apart and the step function averages them exactly every ``local_steps``
+      steps, buffers with them);
+    - ``reduce``: in a distributed run (one row per process), which calls of ``grads`` (0 = first) return
+      the workers' mean gradient instead of the local one (one ``all_reduce`` each);
+    - ``distributed``: whether ``verify.distributed`` runs it (it needs no other collective than
+      ``reduce``'s and the gossip);
+    - ``label``, ``update``: its display name and one-line update rule (``dsgd-verify run --help``);
+    - ``color``, ``marker``: figure style of a non-gossip algorithm (an Okabe-Ito colour name of
+      ``figures.style``, a matplotlib marker); gossip runs are styled by their topology.
+    """
+
+    name: str
+    step: Step
+    kind: str
+    label: str
+    update: str
+    reduce: tuple[int, ...] = ()
+    distributed: bool = True
+    color: str = "grey"
+    marker: str = "o"
+
+    def averages(self, t: int, cfg: AlgoConfig) -> bool:
+        """Whether the update from t to t + 1 ends with every row equal to the workers' mean (so BatchNorm
+        buffers are averaged with it): every step when centralised, every ``local_steps``-th when local."""
+        if self.kind == "local":
+            return (t + 1) % max(1, cfg.local_steps) == 0
+        return self.kind == "centralised"
 
 
-def get(name: str) -> Callable[..., tuple[State, Tensor]]:
-    """The step function of an algorithm by name."""
+KINDS = ("gossip", "centralised", "local")
+#: Every algorithm by name, in the order of the command line's help.
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Add (or replace) an algorithm in :data:`ALGORITHMS`; returns it."""
+    if algorithm.kind not in KINDS:
+        raise AlgorithmError(f"algorithm kind must be one of {', '.join(KINDS)}; got {algorithm.kind!r}")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+for _a in (
+    Algorithm("dsgd", dsgd, "gossip", "D-SGD", "w_j <- sum_k P_jk w_k - lr g_j(w_j)       (AWC, the "
+              "paper's form: gradient at the un-mixed w_j)"),
+    Algorithm("dsgd-atc", dsgd_atc, "gossip", "D-SGD (ATC)", "w_j <- sum_k P_jk (w_k - lr g_k(w_k))     "
+              "(ATC; with --topology complete it equals csgd)"),
+    Algorithm("csgd", csgd, "centralised", "C-SGD", "w <- w - lr mean_j g_j(w)                 (one model, "
+              "batch m*b; Tr Xi = 0)", reduce=(0,), color="black", marker="s"),
+    Algorithm("sam", sam, "centralised", "SAM", "w <- w - lr mean_j g_j(w + rho g_j/|g_j|) (worst-case SAM, "
+              "per-worker ascent)", reduce=(1,), color="reddish_purple", marker="P"),
+    Algorithm("avgsam", avgsam, "centralised", "average-direction SAM", "w <- w - lr mean_j g_j(w + eps_j), "
+              "eps_j ~ N(0, sigma^2 I) (average-direction SAM)", reduce=(0,), color="sky_blue", marker="X"),
+    Algorithm("local-sgd", local_sgd, "local", "local SGD", "w_j <- w_j - lr g_j(w_j), then w_j <- mean_k "
+              "w_k every --local-steps steps", distributed=False),
+):  # fmt: skip
+    register(_a)
+
+
+def record(name: str) -> Algorithm:
+    """The :class:`Algorithm` of a name; one-line :class:`AlgorithmError` for an unknown one."""
     if name not in ALGORITHMS:
         raise AlgorithmError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+def get(name: str) -> Step:
+    """The step function of an algorithm by name."""
+    return record(name).step

@@ -9,8 +9,6 @@ and one line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -19,180 +17,15 @@ from typing import Any
 
 from sharpness.arguments import OneLineParser
 
-from .algorithms import ALGORITHMS
-from .config import CODE_OPTIONS, ConfigError, RunConfig, check_trusted
-from .models import BUILDERS
-from .stacked import EXECUTIONS
-
-DESCRIPTION = """\
-Simulate m workers as one stacked computation. Updates (g_j = gradient of worker j's local mini-batch loss):
-  dsgd      w_j <- sum_k P_jk w_k - lr g_j(w_j)       (AWC, the paper's form: gradient at the un-mixed w_j)
-  dsgd-atc  w_j <- sum_k P_jk (w_k - lr g_k(w_k))     (ATC; with --topology complete it equals csgd)
-  csgd      w <- w - lr mean_j g_j(w)                 (one model, batch m*b; Tr Xi = 0)
-  sam       w <- w - lr mean_j g_j(w + rho g_j/|g_j|) (worst-case SAM, per-worker ascent)
-  avgsam    w <- w - lr mean_j g_j(w + eps_j), eps_j ~ N(0, sigma^2 I) (average-direction SAM)
-  local-sgd w_j <- w_j - lr g_j(w_j), then w_j <- mean_k w_k every --local-steps steps
-Logged: Tr Xi = (1/m) sum_j |w_j - w_a|^2 (this paper's consensus distance; its square root is Kong et al.'s),
-Tr(H Xi) = (1/m) sum_j d_j^T H(w_a) d_j, drift |mean_j grad L(w_j) - grad L(w_a)|, loss/accuracy of w_a and of
-the workers' softmax ensemble (NLL, 15-bin ECE)."""
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _json_obj(text: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return obj
-
-
-def _opt_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "all", "0") else int(text)
-
-
-# (flag, RunConfig field, type, help); defaults come from RunConfig
-RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--algo", "algo", str, f"algorithm: {', '.join(ALGORITHMS)} (updates above)"),
-    ("--topology", "topology", str,
-     "ring, grid, torus, exponential, complete, star, disconnected, random_matching, or a .npy/.csv P"),
-    ("--shuffle", "shuffle", str, "time-varying P: fixed, random (P(t) = Pi_t^T P Pi_t), two-sided,"
-     " matching"),
-    ("--mix-method", "mix_method", str, "gossip product: auto, dense (P @ W), sparse (CSR),"
-     " roll (circulant P)"),
-    ("--workers", "workers", int, "m, the number of simulated workers"),
-    ("--lr", "lr", float, "base learning rate lr"),
-    ("--local-batch", "local_batch", int, "b, samples per worker and step (total batch m*b)"),
-    ("--steps", "steps", int, "number of updates"),
-    ("--momentum", "momentum", float, "heavy-ball momentum mu, local buffers"
-     " v_j <- mu v_j + g_j (never mixed)"),
-    ("--weight-decay", "weight_decay", float, "L2 weight decay wd: g_j <- g_j + wd w_j"),
-    ("--warmup", "warmup", int, "warm-up steps: lr * max(0.1, t/warmup) for t < warmup"),
-    ("--milestones", "milestones", _int_list, "comma-separated steps where lr is multiplied by 0.1"),
-    ("--dtype", "dtype", str, "float32 or float64"),
-    ("--device", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N"),
-    ("--seed", "seed", int, "seed of the shards, batches, noise and initialisation"),
-    ("--data", "data", str, "digits, synthetic:N, cifar10:DIR, fashion-mnist:DIR,"
-     " FILE.pt/.npz, MODULE:CALLABLE"),
-    ("--samples", "samples", _opt_int, "use a seeded subset of this many training points"),
-    ("--test-samples", "test_samples", _opt_int, "use a seeded subset of this many test points"),
-    ("--alpha", "alpha", float, "Dirichlet(alpha) label-skewed shards instead of i.i.d. ones"),
-    ("--model", "model", str, f"{', '.join(BUILDERS)} or MODULE:CALLABLE"),
-    ("--model-kwargs", "model_kwargs", _json_obj, 'JSON keyword arguments of the model,'
-     ' e.g. \'{"hidden": [64]}\''),
-    ("--init", "init", str, "same (every worker starts equal) or independent"
-     " (worker j: its own seeded init)"),
-    ("--closed-form", "closed_form", _json_obj,
-     'closed-form loss instead of data+model, e.g. \'{"loss": "quadratic", "h": [1, 2], "noise_std": 1}\''),
-    ("--log-every", "log_every", int, "log metrics every N steps (0: first and last only)"),
-    ("--eval-samples", "eval_samples", _opt_int, "evaluate train loss/acc on a seeded subset of this size"),
-    ("--hess-every", "hess_every", int, "Tr(H Xi) every N steps, m HVPs (0: never)"),
-    ("--hess-samples", "hess_samples", _opt_int, "HVPs on a fixed seeded subset of the training set"),
-    ("--drift-every", "drift_every", int, "drift every N steps, m+1 full gradients (0: never)"),
-    ("--sharpness-every", "sharpness_every", int, "Tr H (Hutchinson) and lambda_max (Lanczos) every N steps"),
-    ("--ckpt-every", "ckpt_every", int, "also checkpoint every N steps (always at the start and the end)"),
-    ("--ckpt-seconds", "ckpt_seconds", float, "also checkpoint once this much wall time (s) has passed since"
-     " the last checkpoint (0: off)"),
-    ("--execution", "execution", str, f"{', '.join(EXECUTIONS)}: how the m local gradients are computed"),
-    ("--rho", "rho", float, "SAM radius rho"),
-    ("--sigma", "sigma", float, "avgsam perturbation scale sigma"),
-    ("--local-steps", "local_steps", int, "local-sgd: H local steps between exact averagings"),
-]  # fmt: skip
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = RunConfig()
-    for flag, name, typ, text in RUN_OPTIONS:
-        p.add_argument(
-            flag, dest=name, type=typ, default=None, help=f"{text} (default {getattr(defaults, name)!r})"
-        )
-    p.add_argument(
-        "--no-ensemble",
-        dest="ensemble",
-        action="store_false",
-        default=None,
-        help="skip the worker-ensemble metrics (m forward passes over the test set per log)",
-    )
-    p.add_argument(
-        "--mix-buffers",
-        dest="mix_buffers",
-        action="store_true",
-        default=None,
-        help="gossip BatchNorm running statistics too (default: local, w_a takes worker 0's)",
-    )
-    p.add_argument("--out", required=False, help="run directory (config.json, metrics.csv, ckpt.pt, avg.pt)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="RUN",
-        help="continue RUN (or --out) from its checkpoint; the result equals an uninterrupted run",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the run files already in --out")
-    p.add_argument(
-        "--trust-config",
-        action="store_true",
-        help="let a configuration read from a file (--resume's config.json, --config) import and call the "
-        "MODULE:CALLABLE models, losses and data specs it names; without it only the toolkit's own are used",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")  # fmt: skip
-
-
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig: ``base`` (defaults, or a resumed run's saved config) overridden by the options given."""
-    cfg = dataclasses.replace(base) if base is not None else RunConfig()
-    for f in dataclasses.fields(RunConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, v)
-    return cfg
-
-
-def run_folder(args: argparse.Namespace) -> str | None:
-    """The run directory: ``--resume RUN`` or ``--out DIR``; refuses both naming different folders (a resumed
-    run continues in its own folder)."""
-    if isinstance(args.resume, str):
-        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise ValueError(
-                f"--resume {args.resume} continues that run in its own folder, but --out says {args.out}: "
-                "give one of them"
-            )
-        return args.resume
-    return args.out
-
-
-def trusted_base(saved: object, source: str, args: argparse.Namespace) -> RunConfig:
-    """The configuration ``saved`` read from the file ``source`` (errors name the file), once
-    :func:`verify.config.check_trusted` lets it name the code it names (given on the command line, or
-    ``--trust-config``)."""
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{source} does not hold a run configuration (a JSON object of settings)")
-    try:
-        config = RunConfig.from_dict(saved).validate()
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"{source}: {str(exc).splitlines()[0]}") from None
-    given = {name for name in CODE_OPTIONS if getattr(args, name, None) is not None}
-    check_trusted(config, source, given, bool(getattr(args, "trust_config", False)))
-    return config
+from .distributed.launch import add_launch_arguments, cmd_launch
+from .engine import run
+from .options import DESCRIPTION, add_run_arguments, config_from_args, run_folder, trusted_base
+from .rundir import read_config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "launcher", "none") != "none":  # one process per worker: verify.distributed
-        from .distributed.launch import cmd_launch
-
         return cmd_launch(args)
-    from .engine import run
-    from .rundir import read_config
-
     out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")
@@ -217,9 +50,7 @@ def build_parser(with_check: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train with one algorithm, log measurements", description=DESCRIPTION,
                        formatter_class=raw)  # fmt: skip
     add_run_arguments(p)
-    from .distributed.launch import add_launch_arguments  # --launcher torchrun|local, --procs, --timeout
-
-    add_launch_arguments(p)
+    add_launch_arguments(p)  # --launcher torchrun|local, --procs, --timeout
     p.set_defaults(func=cmd_run)
     c = sub.add_parser("check", help="run the claim checks of the paper (verify.claims)")
     runner = _claims_runner() if with_check else None

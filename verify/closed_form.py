@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sharpness.functional import FunctionalLoss, Params
 
-from .problems import STREAM_INIT, STREAM_NOISE, Batch, Problem, ProblemError, generator
+from .problem import STREAM_INIT, STREAM_NOISE, Batch, Problem, ProblemError, generator
 
 
 class ClosedFormProblem(Problem):

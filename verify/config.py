@@ -24,6 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sharpness.data import load_dataset
+from sharpness.importing import import_callable
+from sharpness.inputs import check_fit
+
 from .algorithms import ALGORITHMS
 from .losses import AbsLoss, CosLoss, PowerLoss, QuadraticLoss
 from .models import BUILDERS
@@ -233,8 +237,6 @@ def _builder(name: str) -> tuple[Any, str]:
     if name in BUILDERS:
         fn = BUILDERS[name]
         return fn, f"verify.models:{fn.__name__}"
-    from sharpness.importing import import_callable
-
     return import_callable(name, what="model", error=ConfigError), name
 
 
@@ -254,8 +256,6 @@ def _closed_form_loss(spec: dict[str, Any]) -> Any:
             )
         return QuadraticLoss(h)
     if known is None:
-        from sharpness.importing import import_callable
-
         known = import_callable(loss, what="closed-form loss", error=ConfigError)
     try:
         return known(**kwargs)
@@ -317,8 +317,6 @@ def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -
             raise ConfigError(f"closed_form {spec}: {_first_line(exc)}") from None
         check_problem(problem, f"closed-form loss {spec.get('loss', 'quadratic')!r}")
         return problem
-    from sharpness.data import load_dataset
-
     train = load_dataset(config.data, split="train", samples=config.samples, seed=config.seed)
     try:
         test = load_dataset(config.data, split="test", samples=config.test_samples, seed=config.seed)
@@ -340,8 +338,6 @@ def build_problem(config: RunConfig, device: torch.device, dtype: torch.dtype) -
             raise ConfigError(f"model {config.model!r} with {kwargs}: {_first_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model {config.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    from sharpness.inputs import check_fit
-
     check_fit(model, train.x, train.y, "ce" if train.num_classes else "mse", name=f"data {config.data!r}")
     loss_fn = torch.nn.functional.cross_entropy if train.num_classes else torch.nn.functional.mse_loss
     problem = ModelProblem(

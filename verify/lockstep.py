@@ -37,9 +37,9 @@ from tqdm import tqdm
 from sharpness.functional import resolve_device
 
 from . import measures
-from .algorithms import GOSSIP, AlgoConfig, State, get, lr_at
+from .algorithms import ALGORITHMS, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
-from .problems import Problem, generator
+from .problem import Problem, generator
 from .stacked import choose_execution, local_grads
 from .topology import schedule
 
@@ -102,8 +102,9 @@ def run_lockstep(
     driver diverging stops everything.
     """
     config = replace(config).validate()
-    if config.algo not in GOSSIP:
-        raise ConfigError(f"the lockstep driver must be gossip ({', '.join(GOSSIP)}), not {config.algo}")
+    gossip = [name for name, a in ALGORITHMS.items() if a.kind == "gossip"]
+    if config.algo not in gossip:
+        raise ConfigError(f"the lockstep driver must be gossip ({', '.join(gossip)}), not {config.algo}")
     unknown = [a for a in arms if a not in ARMS]
     if unknown or "dsgd" not in arms:
         raise ConfigError(f"arms must include 'dsgd' and come from {', '.join(ARMS)}; got {list(arms)}")
@@ -118,7 +119,7 @@ def run_lockstep(
     if execution == "auto":
         execution = choose_execution(problem, W0, B0, problem.batches(0))
     grads_fn = local_grads(problem, execution)
-    acfg = AlgoConfig(config.momentum, config.weight_decay, config.rho, 0.0, None, 1, config.seed)
+    acfg = AlgoConfig.of(config, sigma=0.0, local_steps=1)
     sched = schedule(config.topology, problem.m, config.shuffle, config.seed)
     step_of = {arm: get(config.algo if arm == "dsgd" else "avgsam") for arm in arms}
     diverged: dict[str, int] = {}

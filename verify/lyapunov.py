@@ -259,10 +259,3 @@ def csgd_excess_loss_se(
     a2 = (1.0 - eta * h_arr) ** 2
     var = np.sum((h_arr / 2) ** 2 * 2 * v**2 * (1 + a2) / (1 - a2)) / (int(steps) * int(chains))
     return float(np.sqrt(var))
-
-
-def loglog_slope_of(fn: Any, xs: Sequence[float]) -> float:
-    """Least-squares slope of ``log fn(x)`` vs ``log x`` over ``xs`` (the predicted exponent on a grid)."""
-    x = np.log(np.asarray(xs, dtype=np.float64))
-    y = np.log(np.asarray([float(fn(v)) for v in xs], dtype=np.float64))
-    return float(np.polyfit(x, y, 1)[0])

@@ -8,7 +8,7 @@ rank <= m - 1) and every quantity below is computed from D (m x d):
 - ``Tr(H Xi) = (1/m) sum_j d_j^T H(w_a) d_j`` with one ``HessianOperator.matmat(D^T)`` (m HVPs);
 - the decentralisation drift ``||(1/m) sum_j grad L(w_j) - grad L(w_a)||`` (m + 1 full-batch gradients);
 - ensemble metrics: the workers' mean softmax vs the average model (accuracy, NLL, 15-bin ECE);
-- optional ``Tr H`` and ``lambda_max`` at w_a (``sharpness.trace`` / ``sharpness.lanczos``).
+- optional ``Tr H`` and ``lambda_max`` at w_a (:mod:`sharpness.at_point`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sharpness.at_point import sharpness_at as point_sharpness
 from sharpness.functional import FunctionalLoss, Params
 from sharpness.hvp import HessianOperator
 
-from .problems import Problem
+from .problem import Problem
+
+#: The ensemble metrics' columns (:func:`ensemble_scores`).
+ENSEMBLE_COLUMNS = ("ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece")
+
+
+def due(s: int, every: int, steps: int) -> bool:
+    """Whether a measurement taken every ``every`` steps (0: never) is due at step s (always at the last)."""
+    return bool(every) and (s % every == 0 or s == steps)
 
 
 def deviations(W: Tensor) -> Tensor:
@@ -85,7 +94,9 @@ def ece(probs: Tensor, y: Tensor, bins: int = 15) -> float:
     return total
 
 
-def _prob_metrics(probs: Tensor, y: Tensor, bins: int) -> tuple[float, float, float]:
+def prob_metrics(probs: Tensor, y: Tensor, bins: int = 15) -> tuple[float, float, float]:
+    """Accuracy, NLL ``-mean log p_y`` and :func:`ece` of the class probabilities ``probs`` (n, C). Cost:
+    O(n C)."""
     acc = float((probs.argmax(1) == y).double().mean())
     nll = float(-torch.log(probs.gather(1, y.reshape(-1, 1)).clamp_min(1e-300)).mean())
     return acc, nll, ece(probs, y, bins)
@@ -112,12 +123,14 @@ def ensemble_metrics(
         zj, _ = problem.logits(W[j], bj, split)  # type: ignore[misc]
         probs += F.softmax(zj.double(), 1)
     probs /= W.shape[0]
-    e = _prob_metrics(probs, y, bins)
-    a = _prob_metrics(F.softmax(z_avg.double(), 1), y, bins)
-    return {
-        "ensemble_acc": e[0], "ensemble_nll": e[1], "ece": e[2],
-        "avg_acc": a[0], "avg_nll": a[1], "avg_ece": a[2],
-    }  # fmt: skip
+    return ensemble_scores(probs, y, z_avg, bins)
+
+
+def ensemble_scores(probs: Tensor, y: Tensor, z_avg: Tensor, bins: int = 15) -> dict[str, float]:
+    """:data:`ENSEMBLE_COLUMNS`: :func:`prob_metrics` of the workers' mean softmax ``probs`` (n, C) and of
+    the average model's logits ``z_avg``. Cost: O(n C)."""
+    scores = (*prob_metrics(probs, y, bins), *prob_metrics(F.softmax(z_avg.double(), 1), y, bins))
+    return dict(zip(ENSEMBLE_COLUMNS, scores, strict=True))
 
 
 def sharpness_at(
@@ -125,25 +138,16 @@ def sharpness_at(
     w_a: Tensor,
     buffers: Params | None = None,
     *,
-    trace: bool = True,
-    lmax: bool = True,
     samples: int | None = None,
     seed: int = 0,
     probes: int = 100,
+    trace: bool = True,
+    lmax: bool = True,
 ) -> dict[str, Any]:
-    """``Tr H`` (``sharpness.trace.hessian_trace``, method auto: exact for piecewise-linear nets, else to
-    a 2 % standard error with at most ``probes`` probes) and ``lambda_max`` (Lanczos,
-    ``sharpness.lanczos.top_eigenvalues``) of the training loss at w_a. Cost: at most ``probes`` HVPs (+ JVPs)
-    + Lanczos.
-    """
+    """``trace_h`` and ``lambda_max`` (:func:`sharpness.at_point.sharpness_at`: Tr H by method auto, exact for
+    piecewise-linear nets, else to a 2 % standard error with at most ``probes`` probes; Lanczos) of the
+    training loss at w_a (eval mode, the given BatchNorm statistics; a fixed seeded subset of ``samples``
+    points); ``trace``/``lmax`` choose which. Cost: at most ``probes`` HVPs (+ JVPs) + Lanczos."""
     fl = problem.functional(w_a, buffers, samples)
-    out: dict[str, Any] = {}
-    if trace:
-        from sharpness.trace import DEFAULT_RTOL, hessian_trace
-
-        out["trace_h"] = float(hessian_trace(fl, rtol=DEFAULT_RTOL, n_probes=probes, seed=seed).value)
-    if lmax:
-        from sharpness.lanczos import top_eigenvalues
-
-        out["lambda_max"] = float(top_eigenvalues(fl, k=1, seed=seed).values[0])
-    return out
+    at = point_sharpness(fl, probes=probes, seed=seed, trace=trace, lmax=lmax)
+    return {k: v for k, v, want in (("trace_h", at.trace, trace), ("lambda_max", at.lmax, lmax)) if want}

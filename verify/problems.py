@@ -1,22 +1,6 @@
-"""What the workers train: a :class:`Problem` = initial parameters, a pure per-worker loss and a stateless
-batch stream.
-
-A problem holds everything the engine needs and nothing about the algorithm:
-
-- ``params`` (the initial single model, a dict) and ``buffers`` (BatchNorm running statistics, may be empty);
-- ``loss(params, buffers, batch) -> scalar``: worker j's training loss on one local batch. It is pure except
-  that BatchNorm (train mode) updates the running statistics in the ``buffers`` tensors it is given, as in the
-  paper's code; it is ``vmap``-able when the model has no BatchNorm (``stateful`` is False);
-- ``batch(j, t)``: worker j's local batch at step t, a function of ``(seed, j, t)`` alone, so the same seed
-  gives the same samples for the same worker and step whatever the algorithm (runs are comparable pair by
-  pair) and a resumed run sees exactly the batches an uninterrupted one would; ``batches(t)`` stacks the m of
-  them;
-- ``full_loss``/``full_gradient``/``functional``/``evaluate``/``logits``: the full training loss of ONE model
-  and its test metrics, for the measurements.
-
-Two families: :class:`ModelProblem` (an ``nn.Module`` and a data set split into worker shards) and
-:class:`ClosedFormProblem` (a closed-form ``L(w)`` with additive Gaussian gradient noise, for the claim
-checks).
+"""The neural problem, :class:`ModelProblem` (an ``nn.Module`` and a data set split into worker shards), and
+the one place to import every problem from: the interface :class:`~verify.problem.Problem` (what a problem
+is, and its seeded streams) and the closed-form family :class:`~verify.closed_form.ClosedFormProblem`.
 """
 
 from __future__ import annotations
@@ -25,110 +9,30 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from sharpness.functional import FunctionalLoss, NetworkParts, Params, flatten, training_flags, unflatten
+from sharpness.data import Dataset, shards
+from sharpness.functional import FunctionalLoss, Params, flatten, make_loss, training_flags
 
+from .closed_form import ClosedFormProblem
 from .models import has_batchnorm
-
-Batch = tuple[Tensor, ...]
-
-#: Independent random streams derived from the run seed.
-STREAM_BATCH, STREAM_NOISE, STREAM_PERTURB, STREAM_INIT = 0, 1, 2, 3
-
-
-class ProblemError(ValueError):
-    """A bad problem setting; the message is one line naming the problem."""
-
-
-def generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded by ``numpy.random.SeedSequence(keys)``: a pure function of the integer keys."""
-    if any(int(k) < 0 for k in keys):
-        raise ProblemError(f"seeds and stream keys must be nonnegative integers; got {keys}")
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
-
-
-class Problem:
-    """Base class; see the module docstring. Subclasses set the attributes below in ``__init__``."""
-
-    params: Params
-    buffers: Params
-    m: int
-    local_batch: int
-    seed: int
-    stateful: bool = False
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params.values())
-
-    def loss(self, params: Params, buffers: Params, batch: Batch) -> Tensor:
-        raise NotImplementedError
-
-    def batch(self, j: int, t: int) -> Batch:
-        raise NotImplementedError
-
-    def batches(self, t: int) -> Batch:
-        """The m local batches of step t stacked on a leading worker axis (default: stack ``batch(j, t)``)."""
-        parts = [self.batch(j, t) for j in range(self.m)]
-        return tuple(torch.stack([p[i] for p in parts]) for i in range(len(parts[0])))
-
-    def init_stacked(self) -> tuple[Tensor, Params]:
-        """Initial ``(W, buffers)``: W (m, d) flat worker parameters, buffers stacked (m, ...). Default: all
-        equal."""
-        W = flatten(self.params).detach().unsqueeze(0).repeat(self.m, 1)
-        return W, {k: v.unsqueeze(0).repeat(self.m, *([1] * v.dim())) for k, v in self.buffers.items()}
-
-    def unflatten(self, w: Tensor) -> Params:
-        """A flat vector (d,) or block (..., d) as a parameter dict (views, no copy)."""
-        return unflatten(w, self.params)
-
-    def functional(
-        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
-    ) -> FunctionalLoss:
-        raise NotImplementedError
-
-    def full_loss(self, w: Tensor, buffers: Params | None = None) -> float:
-        """``L(w)``: the full training loss of one model (eval mode). Cost: one pass over the training set."""
-        with torch.no_grad():
-            fl = self.functional(w, buffers)
-            return float(fl.loss(fl.params))
-
-    def full_gradient(self, w: Tensor, buffers: Params | None = None) -> Tensor:
-        """Flat ``grad L(w)`` of the full training loss. Cost: one gradient over the training data."""
-        fl = self.functional(w, buffers)
-        p = {k: v.detach().requires_grad_(True) for k, v in fl.params.items()}
-        with torch.enable_grad():
-            g = torch.autograd.grad(fl.loss(p), list(p.values()))
-        return torch.cat([x.reshape(-1) for x in g])
-
-    def evaluate(
-        self, w: Tensor, buffers: Params | None = None, samples: int | None = None
-    ) -> dict[str, float]:
-        raise NotImplementedError
-
-    def analytic_grads(self, W: Tensor, batches: Batch) -> tuple[Tensor, Tensor] | None:
-        """``(G, losses)`` of all m workers in closed form, or None when the problem has none."""
-        return None
-
-    def logits(
-        self, w: Tensor, buffers: Params | None = None, split: str = "test", samples: int | None = None
-    ) -> tuple[Tensor, Tensor] | None:
-        """``(logits, targets)`` of one model on a split, or None when the problem has no classifier."""
-        return None
+from .problem import (
+    STREAM_BATCH,
+    STREAM_INIT,
+    STREAM_NOISE,
+    STREAM_PERTURB,
+    Batch,
+    Problem,
+    ProblemError,
+    generator,
+)
 
 
 # --------------------------------------------------------------------------- neural networks on data
 def _shards(dataset: Any, m: int, seed: int, alpha: float | None) -> list[Tensor]:
-    from sharpness.data import Dataset, shards
-
     if not isinstance(dataset, Dataset):
         x, y = _xy(dataset)
         dataset = Dataset(x, y, None if y.is_floating_point() else int(y.max()) + 1, "data")
@@ -269,22 +173,13 @@ class ModelProblem(Problem):
         self, w: Tensor, buffers: Params | None = None, samples: int | None = None
     ) -> FunctionalLoss:
         """The full training loss ``L(w) = sum_b n_b loss_b / n`` in eval mode (BatchNorm: the given running
-        statistics, default the initial ones) as a :class:`FunctionalLoss` at ``w``; ``samples``: a fixed
-        seeded subset of the training set instead. Cost of building: nothing (no forward pass)."""
+        statistics, default the initial ones) as a :class:`FunctionalLoss` at ``w``, built by the one door
+        (:func:`sharpness.functional.make_loss`) on a copy of the model holding ``w``; ``samples``: a fixed
+        seeded subset of the training set instead. Cost of building: a copy of the model (no forward pass)."""
+        model = copy.deepcopy(self.model)
         bufs = self.buffers if buffers is None else buffers
-        data = self._split("train", samples)
-        total = float(sum(x.shape[0] for x, _ in data))
-
-        def term(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: self.loss_fn(self._forward(p, bufs, x, False), y)
-
-        terms = [term(x, y) for x, y in data]
-        weights = [x.shape[0] / total for x, _ in data]
-        loss = lambda p: sum(wt * f(p) for wt, f in zip(weights, terms, strict=True))
-        parts = NetworkParts(self.model, self.loss_fn, data, bufs)  # for the exact Gauss-Newton trace
-        return FunctionalLoss(
-            loss=loss, params=self.unflatten(w.detach()), batch_losses=terms, weights=weights, network=parts
-        )
+        model.load_state_dict({**self.unflatten(w.detach()), **bufs})
+        return make_loss(model, self.loss_fn, self._split("train", samples), check=False)
 
     def logits(
         self, w: Tensor, buffers: Params | None = None, split: str = "test", samples: int | None = None
@@ -316,6 +211,7 @@ class ModelProblem(Problem):
         return out
 
 
-from .closed_form import ClosedFormProblem  # noqa: E402  (re-exported: both families live under verify.problems)
-
-__all__ = ["Batch", "ClosedFormProblem", "ModelProblem", "Problem", "ProblemError", "generator"]
+__all__ = [
+    "STREAM_BATCH", "STREAM_INIT", "STREAM_NOISE", "STREAM_PERTURB", "Batch", "ClosedFormProblem",
+    "ModelProblem", "Problem", "ProblemError", "generator",
+]  # fmt: skip

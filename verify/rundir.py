@@ -1,7 +1,7 @@
 """The run directory: ``config.json``, ``metrics.csv``, ``ckpt.pt``, ``avg.pt`` and ``result.json``.
 
 - ``config.json``: ``{"config": RunConfig.to_dict(), "run": {resolved device, dtype, execution, m, d,
-  versions}}``.
+  versions: :func:`sharpness.results.environment`}}``.
 - ``metrics.csv``: header written once; one row appended and flushed per log; a resumed run first drops the
   rows logged after its checkpoint, so the file ends as an uninterrupted run's would.
 - ``ckpt.pt`` (atomic): all workers stacked (``W`` (m, d)), BatchNorm buffers, momentum, RNG states (uint8
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sharpness.checkpoint import save_checkpoint
 from sharpness.results import atomic_torch_save, atomic_write_text, write_json
 
 from .algorithms import State
@@ -67,18 +68,6 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, config: dict[str, Any]
     for f in used:
         (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def versions() -> dict[str, str]:
-    """Versions recorded in ``config.json``."""
-    import sys
-
-    import numpy
-
-    import sharpness
-
-    return {"torch": torch.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
-            "dsgd_sam": getattr(sharpness, "__version__", "?")}  # fmt: skip
 
 
 def write_config(out: Path, config: dict[str, Any], run: dict[str, Any]) -> None:
@@ -305,8 +294,6 @@ def save_average(
     model = getattr(problem, "model", None)
     if arch is None or model is None:
         return False
-    from sharpness.checkpoint import save_checkpoint
-
     clone = copy.deepcopy(model)
     state = {**clone.state_dict(), **buffers, **problem.unflatten(w_a.detach())}
     clone.load_state_dict({k: v.detach() for k, v in state.items()})

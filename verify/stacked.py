@@ -30,7 +30,7 @@ from torch.func import grad_and_value, vmap
 
 from sharpness.functional import Params
 
-from .problems import Batch, Problem
+from .problem import Batch, Problem
 
 GradsFn = Callable[[Tensor, Params, Batch], tuple[Tensor, Tensor, Params]]
 EXECUTIONS = ("auto", "vmap", "loop", "analytic")
@@ -48,21 +48,9 @@ def stack(dicts: Sequence[Params]) -> Params:
     return {k: torch.stack([p[k] for p in dicts]) for k in dicts[0]} if dicts else {}
 
 
-def unstack(stacked: Params, m: int | None = None) -> list[Params]:
-    """The inverse of :func:`stack`: m dicts of views."""
-    if m is None:
-        m = next(iter(stacked.values())).shape[0] if stacked else 0
-    return [{k: v[j] for k, v in stacked.items()} for j in range(m)]
-
-
 def repeat(params: Params, m: int) -> Params:
     """m copies of one dict, stacked."""
     return {k: v.unsqueeze(0).repeat(m, *([1] * v.dim())).clone() for k, v in params.items()}
-
-
-def flatten_stacked(stacked: Params) -> Tensor:
-    """A stacked dict as one (m, d) matrix (dict order), the engine's ``W``."""
-    return torch.cat([v.reshape(v.shape[0], -1) for v in stacked.values()], 1)
 
 
 def row(stacked: Params, j: int) -> Params:

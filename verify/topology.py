@@ -212,7 +212,10 @@ class Neighbours(NamedTuple):
     self_weight: float
 
 
-_SHUFFLES = (None, "fixed", "random", "two-sided", "matching")
+#: Ways P(t) changes with t (``--shuffle``); None: fixed.
+SHUFFLES = (None, "fixed", "random", "two-sided", "matching")
+#: Schedules that are not one matrix (:func:`schedule`).
+SCHEDULES = ("random_matching",)
 _TAGS = {"random": 1, "two-sided": 2, "matching": 3}
 
 
@@ -233,7 +236,7 @@ class TopologySchedule:
     """
 
     def __init__(self, base: Tensor, shuffle: str | None = None, seed: int = 0) -> None:
-        if shuffle not in _SHUFFLES:
+        if shuffle not in SHUFFLES:
             raise TopologyError(
                 f"unknown shuffle {shuffle!r}; choose from fixed, random, two-sided, matching"
             )
@@ -313,7 +316,7 @@ def schedule(
     name_or_matrix: Any, m: int | None = None, shuffle: str | None = None, seed: int = 0
 ) -> TopologySchedule:
     """A :class:`TopologySchedule` from a topology name, a matrix file, a matrix, or ``"random_matching"``."""
-    if isinstance(name_or_matrix, str) and name_or_matrix.lower() in ("random_matching", "matching"):
+    if isinstance(name_or_matrix, str) and name_or_matrix.lower() in (*SCHEDULES, "matching"):
         if shuffle not in (None, "fixed", "matching"):
             raise TopologyError("random_matching already changes every step; it takes no shuffle")
         return TopologySchedule(mixing_matrix("complete", m), "matching", seed)

@@ -74,8 +74,8 @@ def build(name="mlp", seed=0, **kw) -> nn.Module:
 
 def cli(args, capsys):
     """The command in-process. The toolkit checkpoints here name this test's own module, not one of the
-    toolkit's models, so every call trusts that recorded arch (test_sharpness_hostile_inputs checks that without the
-    flag nothing named by a file runs)."""
+    toolkit's models, so every call trusts that recorded arch (test_sharpness_hostile_inputs checks that
+    without the flag nothing named by a file runs)."""
     rc = main([str(a) for a in args] + ["--trust-checkpoint-arch"])
     out, err = capsys.readouterr()
     return rc, out, err

@@ -8,7 +8,8 @@ with ``all_reduce``). Same :class:`~verify.config.RunConfig`, metrics and run di
 :func:`verify.engine.run`, so a run's ``config.json`` replays either way. gloo on CPU, NCCL on GPU.
 
 - :mod:`.comm`: process group, gossip, collectives, timeouts naming the failing rank;
-- :mod:`.worker`: :func:`run_rank`, the loop of one rank; :mod:`.measure`: the metrics with collectives;
+- :mod:`.transport`: :func:`run_rank`, the transport of the engine's one run loop for one rank;
+  :mod:`.measure`: the metrics row with collectives;
 - :mod:`.launch`: start N ranks on loopback (torchrun or a local launcher);
 - ``torchrun --nproc-per-node N -m verify.distributed --topology ring ...`` or
   ``dsgd-verify run --launcher torchrun --procs N ...``.
@@ -16,10 +17,9 @@ with ``all_reduce``). Same :class:`~verify.config.RunConfig`, metrics and run di
 
 from .comm import Comm, DistributedRunError, connect
 from .launch import LaunchResult, launch_local, launch_torchrun, torchrun_command
-from .worker import SUPPORTED, Options, run_rank
+from .transport import Options, run_rank, supported
 
 __all__ = [
-    "SUPPORTED",
     "Comm",
     "DistributedRunError",
     "LaunchResult",
@@ -28,5 +28,6 @@ __all__ = [
     "launch_local",
     "launch_torchrun",
     "run_rank",
+    "supported",
     "torchrun_command",
 ]

@@ -1,7 +1,7 @@
 """``torchrun --nproc-per-node N -m verify.distributed [dsgd-verify run options] [--timeout S] ...``.
 
 Every rank parses the same options (those of ``dsgd-verify run``, plus ``--config FILE`` to replay a run's
-``config.json``), joins the process group and runs :func:`verify.distributed.worker.run_rank`. A failure on
+``config.json``), joins the process group and runs :func:`verify.distributed.transport.run_rank`. A failure on
 any rank ends every rank: the failing rank and those that lose it print one line naming the rank at fault,
 record it in the rendezvous store and leave with ``os._exit`` (a broken process group must not hang the exit).
 Exit status: 0 done, 1 diverged or a rank failed, 2 bad settings, 129 the launcher (or torchrun's agent) went
@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 from sharpness.arguments import OneLineParser
 
-from ..cli import add_run_arguments, run_folder
-from .args import add_distributed_arguments, config_for
+from ..options import add_distributed_arguments, add_run_arguments, config_for, run_folder
 from .comm import (
     Comm,
     DistributedRunError,
@@ -30,7 +29,7 @@ from .comm import (
     leave_without_launcher,
     watch_parent,
 )
-from .worker import Options, run_rank
+from .transport import Options, run_rank
 
 EPILOG = """\
 Multi-host: the same command on every host with torchrun's --nnodes/--node-rank/--rdzv-endpoint HOST:PORT

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -258,8 +261,6 @@ def watch_parent(interval: float = 0.2) -> None:
     the process that started it (the local launcher or torchrun's agent, which hosts the rendezvous store)
     is gone: without it no failure could be diagnosed, and every store access would only print warnings.
     A daemon thread polls the parent's pid every ``interval`` seconds."""
-    import threading
-
     parent = os.getppid()
     _PARENT.append(parent)
 
@@ -278,8 +279,6 @@ def launcher_gone() -> bool:
 
 def leave_without_launcher() -> None:
     """One line saying the launcher went away, then exit status 129 (no other rank is to blame)."""
-    import sys
-
     rank = os.environ.get("RANK", "?")
     print(f"dsgd-verify distributed: rank {rank}: the launcher (pid {_PARENT[0]}) went away; stopping",
           file=sys.stderr, flush=True)  # fmt: skip
@@ -288,8 +287,6 @@ def leave_without_launcher() -> None:
 
 def loopback_ifname() -> str | None:
     """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS), or None if not found."""
-    import socket
-
     names = [n for _, n in socket.if_nameindex()]
     for n in ("lo", "lo0"):
         if n in names:

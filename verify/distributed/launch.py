@@ -27,7 +27,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
+from ..options import add_distributed_arguments, config_for, run_folder
 from .comm import HOSTED_STORE_ENV, WATCH_PREFIX, loopback_ifname
+from .transport import preflight
 
 LAUNCHERS = ("none", "torchrun", "local")
 
@@ -91,8 +95,6 @@ def launch_local(
     """Start ``procs`` ranks of ``command + args`` (default ``python -m verify.distributed``) with a store
     hosted here; wait for them; return their exit codes. ``log_dir``: write rank r's stdout and stderr to
     ``rank{r}.log`` there (default: inherit this process's). Every child is reaped before returning."""
-    import torch.distributed as dist
-
     if procs < 1:
         raise ValueError(f"--procs must be >= 1; got {procs}")
     t_start = time.monotonic()
@@ -175,8 +177,6 @@ def launch_torchrun(args: list[str], procs: int, env: dict[str, str] | None = No
 # ---------------------------------------------------------------------- dsgd-verify run --launcher
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     """``--launcher``, ``--procs`` and the distributed engine's options, for ``dsgd-verify run``."""
-    from .args import add_distributed_arguments
-
     p.add_argument(
         "--launcher",
         choices=LAUNCHERS,
@@ -196,10 +196,6 @@ def _terminated(signum: int, frame: object) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     """``dsgd-verify run --launcher torchrun|local --procs N ...``: write the configuration to a temporary
     ``config.json``, start the ranks on loopback with ``--config`` pointing at it, return their status."""
-    from ..cli import run_folder
-    from .args import config_for
-    from .worker import preflight
-
     out = run_folder(args)
     if out is None:
         raise ValueError("give --out DIR (or --resume RUN)")

@@ -32,13 +32,8 @@ from sharpness.functional import Params
 from .. import measures
 from ..algorithms import lr_at
 from ..config import RunConfig
-from ..problems import Problem
+from ..problem import Problem
 from .comm import Comm
-
-
-def due(s: int, every: int, steps: int) -> bool:
-    """Whether a measurement taken every ``every`` steps (0: never) is due at step s (always at the last)."""
-    return bool(every) and (s % every == 0 or s == steps)
 
 
 def average_buffers(comm: Comm, buffers: Params, mix_buffers: bool, everywhere: bool) -> Params:
@@ -55,10 +50,6 @@ def average_buffers(comm: Comm, buffers: Params, mix_buffers: bool, everywhere: 
     return out
 
 
-def _prob_metrics(probs: Tensor, y: Tensor) -> tuple[float, float, float]:
-    return measures._prob_metrics(probs, y, 15)
-
-
 def _ensemble_probs(comm: Comm, problem: Problem, w: Tensor, own: Params) -> tuple[Tensor, Tensor] | None:
     """The sum over ranks of the workers' softmax on the test split and its targets (one ``all_reduce`` of
     (n, C) numbers), or None when the problem has no classifier. Cost: one test pass per rank."""
@@ -67,16 +58,6 @@ def _ensemble_probs(comm: Comm, problem: Problem, w: Tensor, own: Params) -> tup
         return None
     zj, y = res
     return comm.all_reduce(F.softmax(zj.double(), 1).contiguous(), "all_reduce of the ensemble softmax"), y
-
-
-def _ensemble_metrics(problem: Problem, probs: Tensor, y: Tensor, m: int, w_a: Tensor, avg: Params) -> dict:
-    """``ensemble_{acc,nll,ece}`` of the mean softmax and ``avg_{acc,nll,ece}`` of w_a (15-bin ECE), as
-    :func:`verify.measures.ensemble_metrics`. Cost: one test pass."""
-    z_avg, _ = problem.logits(w_a, avg, "test")  # type: ignore[misc]
-    e = measures._prob_metrics(probs / m, y, 15)
-    a = measures._prob_metrics(F.softmax(z_avg.double(), 1), y, 15)
-    keys = ("ensemble_acc", "ensemble_nll", "ece", "avg_acc", "avg_nll", "avg_ece")
-    return dict(zip(keys, (*e, *a), strict=True))
 
 
 def row(
@@ -101,7 +82,7 @@ def row(
     w_a = total[:n] / m
     d = v - total[n : 2 * n] / m  # d_j = (w_j - w_0) - mean_k (w_k - w_0): exactly 0 when all rows are equal
     cd = float(comm.all_reduce((d * d).sum().reshape(1), "all_reduce of |w_j - w_a|^2")[0] / m)
-    hess, drift = due(s, cfg.hess_every, steps), due(s, cfg.drift_every, steps)
+    hess, drift = measures.due(s, cfg.hess_every, steps), measures.due(s, cfg.drift_every, steps)
     avg = average_buffers(comm, buffers, cfg.mix_buffers, everywhere=(hess or drift) and cd != 0)
     extra: dict[str, Any] = {}
     if hess:
@@ -129,7 +110,8 @@ def row(
     if drift:
         out["drift"] = 0.0 if g_sum is None else float((g_sum / m - problem.full_gradient(w_a, avg)).norm())
     if ens is not None:
-        out.update(_ensemble_metrics(problem, ens[0], ens[1], m, w_a, avg))
-    if due(s, cfg.sharpness_every, steps):
+        z_avg, _ = problem.logits(w_a, avg, "test")  # type: ignore[misc]
+        out.update(measures.ensemble_scores(ens[0] / m, ens[1], z_avg))
+    if measures.due(s, cfg.sharpness_every, steps):
         out.update(measures.sharpness_at(problem, w_a, avg, samples=cfg.hess_samples, seed=cfg.seed))
     return out
