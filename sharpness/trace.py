@@ -42,7 +42,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .functional import Batch, FunctionalLoss, SharpnessInputError, seeded
+from .functional import (
+    GRADIENT_HINT,
+    Batch,
+    FunctionalLoss,
+    NonFiniteError,
+    SharpnessInputError,
+    require_finite,
+    seeded,
+)
 from .ggn import (
     Applicability,
     activation_trace,
@@ -61,6 +69,20 @@ from .results import Result
 MIN_PROBES = 10
 #: Target relative standard error when neither ``n_probes`` nor ``rtol`` is given.
 DEFAULT_RTOL = 0.02
+#: what a non-finite exact part is called in the error (the per-sample output gradients it sums)
+GGN_WHAT = "the gradient of the outputs at the measured weights (summed into the exact Gauss-Newton trace)"
+
+
+def _require_finite_ggn(g: Any) -> None:
+    """One line naming the parameter tensors whose part of ``Tr G`` is not finite (the per-sample output
+    gradients there are not), else nothing."""
+    bad = [name for name, v in g.per_param.items() if not math.isfinite(v)]
+    if bad or not math.isfinite(g.value):
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        where = f" (non-finite in {', '.join(bad[:3])}{more})" if bad else ""
+        raise NonFiniteError(f"{GGN_WHAT} is not finite{where}{GRADIENT_HINT}")
+
+
 #: Cap on probes when stopping on accuracy without ``n_probes``.
 DEFAULT_MAX_PROBES = 1000
 #: ``auto`` keeps ``ggn+hutchinson`` unless the pilot variance of plain Hutchinson is at most this times
@@ -203,6 +225,7 @@ def hessian_trace(
         else:
             _, fl = network_of(op)
             g = ggn_trace(fl)  # type: ignore[arg-type]
+            _require_finite_ggn(g)
             extra.update(exact_part=g.value, n_backward=g.n_outputs * len(fl.network.batches))  # type: ignore[union-attr]
             if method == "exact":
                 try:
@@ -212,6 +235,7 @@ def hessian_trace(
                         raise
                     method, extra["why"] = "ggn+hutchinson", f"exact not possible ({exc}); Tr G + Hutchinson"
                 else:
+                    require_finite(torch.tensor(rest), "the smooth activations' part of the exact trace")
                     value, stderr, samples, hit = g.value + rest, 0.0, [], True
                     extra["n_backward"] += passes
             if method == "exact-ggn":

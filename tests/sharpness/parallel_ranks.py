@@ -20,7 +20,15 @@ from sharpness.report import ReportSettings, run_report
 from sharpness.table import report_json
 from sharpness.trace import hessian_trace
 
-SETTINGS = ReportSettings(probes=6, top_k=2, sigmas=[0.05], rhos=[0.1], density_vectors=2, density_steps=12)
+SETTINGS = ReportSettings(
+    probes=6,
+    trace_method="hutchinson",
+    top_k=2,
+    sigmas=[0.05],
+    rhos=[0.1],
+    density_vectors=2,
+    density_steps=12,
+)
 METRICS = ["loss", "trace", "eigs", "density", "avg-sam", "sam", "layers"]
 
 
@@ -42,7 +50,8 @@ def report(batches, model, group=None):
 
 
 def api_trace(batches, model, group=None) -> float:
-    return hessian_trace(HessianOperator(model, F.cross_entropy, batches, group=group), n_probes=5).value
+    op = HessianOperator(model, F.cross_entropy, batches, group=group)
+    return hessian_trace(op, n_probes=5, method="hutchinson").value
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ def test_cli_under_torchrun_writes_one_json_equal_to_one_process(tmp_path):
     ckpt = save_checkpoint(
         tmp_path / "m.pt", mlp(**kwargs).double(), arch="sharpness.demo:mlp", arch_kwargs=kwargs
     )
-    base = [str(ckpt), "--metrics", "all", "--probes", "5", "--top-k", "2", "--samples", "120",
-            "--batch-size", "30", "--no-progress", "--rhos", "0.1"]  # fmt: skip
+    base = [str(ckpt), "--metrics", "all", "--probes", "5", "--trace-method", "hutchinson", "--top-k", "2",
+            "--samples", "120", "--batch-size", "30", "--no-progress", "--rhos", "0.1"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "1.json")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1",
