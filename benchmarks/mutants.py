@@ -2,20 +2,26 @@
 
 For each mutant of :mod:`benchmarks.mutant_list` (one single-point bug in the engine, the measurements or the
 sharpness core) this copies the packages ``sharpness/``, ``verify/`` and ``figures/`` to a temporary folder,
-applies exactly that one replacement, and runs ``python -m verify check --quick --report DIR`` there
-(``PYTHONPATH`` = the copy, ``OMP_NUM_THREADS=1``). The unmutated copy is run the same way as the baseline. A
-mutant is *caught* when any check's verdict differs from the baseline's, or when the suite exits with a
-status, crashes or times out where the baseline did not. Prints one row per mutant (the checks that changed
-verdict) and the kill rate, and writes ``summary.json`` and ``summary.md`` under ``--out``.
+applies exactly that one replacement, and runs ``python -m verify check --quick --report DIR [--only ...]``
+there (``PYTHONPATH`` = the copy, ``OMP_NUM_THREADS=1``). A mutant is *caught* when any check's verdict
+differs from the baseline's, or when the suite exits with a status, crashes or times out where the baseline
+did not. Prints one row per mutant (the checks that changed verdict) and the kill rate, and writes
+``summary.json`` and ``summary.md`` under ``--out``.
 
     python benchmarks/mutants.py [--only ID,...] [--list] [--jobs N] [--checks T0,T1,...] [--out DIR]
-                                 [--timeout S] [--merge OLD/summary.json]
+                                 [--select coverage|all] [--timeout S] [--merge OLD/summary.json]
 
-``--merge`` adds the checks that caught each mutant in an earlier sweep (e.g. all checks) to this one's (e.g.
-``--checks T15``): valid because every check runs on its own seeded protocol, so a check's verdict does not
-depend on which other checks ran. A target text that is missing or occurs more than once stops everything
-with one line naming the mutant (exit 2): the list cannot silently rot. Cost: one quick suite per mutant plus
-one for the baseline (about 60-90 s each on a quiet CPU core). Not part of the default test run.
+``--select coverage`` (default): the unmutated suite runs once under a call-only ``sys.settrace``, which
+records each check's verdict (the baseline) and the functions of the mutated files it calls; each mutant then
+runs only the checks that call the function holding its target (any function of ``verify/stacked.py``,
+whose vmap/loop path is chosen by timing). Sound because a check that never executes the mutated code gives
+the baseline's verdict (every check is seeded and independent of the others); a mutant no check executes
+survives without a run. ``--select all``: every check on every mutant plus an untraced baseline run.
+``--merge`` adds the checks that caught each mutant in an earlier sweep (e.g. T0-T12) to this one's (e.g.
+``--checks T15``), valid for the same reason. A target text that is missing or occurs more than once stops
+everything with one line naming the mutant (exit 2): the list cannot silently rot. Cost: one quick suite for
+the baseline and, per mutant, the checks that execute it (a whole quick suite is about 60-90 s on a quiet CPU
+core). Not part of the default test run.
 """
 
 from __future__ import annotations
@@ -134,18 +140,85 @@ def run_suite(tree: Path, report: Path, checks: str | None, timeout: float) -> d
 
 
 def compare(base: dict[str, Any], mut: dict[str, Any]) -> dict[str, Any]:
-    """Which checks changed verdict against the baseline, and whether the suite's exit/crash differs."""
+    """Which of the baseline's checks changed verdict, and whether the exit status differs (``base["rc"]``,
+    or when absent the runner's rule: 1 if a baseline verdict is FAIL, else 0)."""
     changed = {
         cid: f"{v} -> {mut['verdicts'].get(cid, 'missing')}"
         for cid, v in base["verdicts"].items()
         if mut["verdicts"].get(cid) != v
     }
-    exit_differs = mut["rc"] != base["rc"] and not changed
-    return {
-        "changed": changed,
-        "exit_differs": exit_differs,
-        "caught": bool(changed) or mut["rc"] != base["rc"],
-    }
+    base_rc = base.get("rc", 1 if "FAIL" in base["verdicts"].values() else 0)
+    exit_differs = mut["rc"] != base_rc and not changed
+    return {"changed": changed, "exit_differs": exit_differs, "caught": bool(changed) or mut["rc"] != base_rc}
+
+
+# The coverage run (a child process in a copy of the tree): each check's verdict, and the functions of the
+# mutated files it calls (code objects seen by a call-only ``sys.settrace``; no line tracing).
+TRACER = """
+import json, sys
+from verify.claims.base import Context
+from verify.claims.runner import execute, select_checks
+out, only, files = sys.argv[1], sys.argv[2] or None, set(sys.argv[3:])
+checks, _ = select_checks(only, False)
+result = {}
+for cls in checks:
+    codes = set()
+    def trace(frame, event, arg, codes=codes):
+        if frame.f_code.co_filename in files:
+            codes.add(frame.f_code)
+    sys.settrace(trace)
+    try:
+        res = execute(cls, Context(quick=True, seed=0))
+    finally:
+        sys.settrace(None)
+    spans = []
+    for co in codes:
+        lines = [co.co_firstlineno] + [n for _, _, n in co.co_lines() if n is not None]
+        spans.append([co.co_filename, min(lines), max(lines)])
+    result[cls.id] = {"verdict": res.verdict, "spans": spans}
+json.dump(result, open(out, "w"))
+"""
+#: files whose functions are picked by timing (``choose_execution``): any call into the file covers all of it
+TIMING_DEPENDENT = ("verify/stacked.py",)
+
+
+def target_line(mutant: Mutant, tree: Path) -> int:
+    """The 1-based line where the mutant's target starts in ``tree``."""
+    text = (tree / mutant.file).read_text()
+    return text[: text.index(mutant.target)].count("\n") + 1
+
+
+def trace_checks(tree: Path, checks: str | None, files: list[str], timeout: float) -> dict[str, Any]:
+    """Run the quick checks once, unmutated, in ``tree`` under the call tracer: ``{id: {"verdict", "spans":
+    [[file, first, last], ...]}}`` with files relative to ``tree``. Cost: one quick suite (call tracing
+    adds little: no line events)."""
+    out = tree.parent / "coverage.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(tree), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    absolute = [str((tree / f).resolve()) for f in files]
+    cmd = [sys.executable, "-c", TRACER, str(out), checks or "", *absolute]
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.is_file():
+        raise MutantError(
+            f"the coverage run of the baseline failed (rc {proc.returncode}): {proc.stderr[-400:]}"
+        )
+    data = json.loads(out.read_text())
+    root = str(tree.resolve()) + os.sep
+    for entry in data.values():
+        entry["spans"] = [[f.removeprefix(root), a, b] for f, a, b in entry["spans"]]
+    return data
+
+
+def covering(mutant: Mutant, line: int, coverage: dict[str, Any]) -> list[str]:
+    """The checks that call the function holding the mutant's target (any function of a timing-dependent
+    file): only their verdicts can change, the others never execute the mutated code."""
+    out = []
+    for cid, entry in coverage.items():
+        for f, a, b in entry["spans"]:
+            if f == mutant.file and (mutant.file in TIMING_DEPENDENT or a <= line <= b):
+                out.append(cid)
+                break
+    return out
 
 
 def one(mutant: Mutant | None, work: Path, checks: str | None, timeout: float, root: Path) -> dict[str, Any]:
@@ -158,13 +231,15 @@ def one(mutant: Mutant | None, work: Path, checks: str | None, timeout: float, r
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mutant | bug | caught by | verdict changes |", "|---|---|---|---|"]
+    lines = ["| mutant | bug | checks run | caught by | verdict changes |", "|---|---|---|---|---|"]
     for r in rows:
+        run = r.get("checks_run", "all")
+        run = "all" if run == "all" else (", ".join(run) or "none executes it")
         by = ", ".join(r["caught_by"]) or ("exit status" if r["caught"] else "SURVIVED")
         ch = "; ".join(f"{k}: {v}" for k, v in r["changed"].items()) or (
             f"rc {r['rc']}" if r["caught"] else "-"
         )
-        lines.append(f"| {r['id']} | {r['description']} | {by} | {ch} |")
+        lines.append(f"| {r['id']} | {r['description']} | {run} | {by} | {ch} |")
     return "\n".join(lines)
 
 
@@ -185,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/mutants", metavar="DIR", help="default: reports/mutants")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per suite run (default 1800)")
     p.add_argument("--merge", default=None, metavar="JSON", help="an earlier summary.json to add to this one")
+    p.add_argument(
+        "--select", choices=("coverage", "all"), default="coverage",
+        help="coverage (default): run on each mutant only the checks that call the mutated function, found "
+        "by one traced baseline run; all: every check on every mutant, plus an untraced baseline",
+    )  # fmt: skip
     args = p.parse_args(argv)
     try:
         check_all(MUTANTS)
@@ -209,41 +289,63 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    raw: dict[str, dict[str, Any]] = {}
+    selected: dict[str, list[str] | None] = {}
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         work = Path(tmp)
         # one snapshot of today's code: edits made while the sweep runs do not leak into later mutants
         snapshot = copy_packages(work / "pristine")
-        jobs: list[Mutant | None] = [None, *chosen]
+        if args.select == "coverage":
+            try:
+                cov = trace_checks(
+                    copy_packages(work / "trace" / "src", snapshot), args.checks,
+                    sorted({m.file for m in chosen}), args.timeout,
+                )  # fmt: skip
+            except (MutantError, subprocess.TimeoutExpired) as exc:
+                print(f"mutants: {exc}", file=sys.stderr)
+                return 1
+            base = {"verdicts": {cid: e["verdict"] for cid, e in cov.items()}, "coverage": True}
+            print(f"  {BASELINE:<28} (coverage run) {base['verdicts']}", flush=True)
+            for m in chosen:
+                selected[m.id] = covering(m, target_line(m, snapshot), cov)
+        else:
+            selected = {m.id: None for m in chosen}
+        jobs: list[Mutant | None] = ([] if args.select == "coverage" else [None]) + [
+            m for m in chosen if selected[m.id] != []
+        ]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {
-                (m.id if m else BASELINE): pool.submit(one, m, work, args.checks, args.timeout, snapshot)
-                for m in jobs
-            }
-            raw: dict[str, dict[str, Any]] = {}
+            futures = {}
+            for m in jobs:
+                ids = args.checks if m is None or selected[m.id] is None else ",".join(selected[m.id])
+                futures[m.id if m else BASELINE] = pool.submit(one, m, work, ids, args.timeout, snapshot)
             for name, fut in futures.items():
                 raw[name] = fut.result()
                 r = raw[name]
                 print(f"  {name:<28} rc={r['rc']} {r['wall_s']:>6.1f} s  {r['verdicts']}", flush=True)
-    base = raw[BASELINE]
-    if base["rc"] not in (0, 1) or not base["verdicts"]:
-        print(
-            f"mutants: the baseline suite did not run (rc {base['rc']}):\n{base['stderr_tail']}",
-            file=sys.stderr,
-        )
-        return 1
+    if args.select == "all":
+        base = raw[BASELINE]
+        if base["rc"] not in (0, 1) or not base["verdicts"]:
+            print(f"mutants: the baseline suite did not run (rc {base['rc']}):\n{base['stderr_tail']}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    none = {"rc": 0, "verdicts": {}, "notes": {}, "wall_s": 0.0, "stderr_tail": ""}
     old = {r["id"]: r for r in merged["mutants"]} if merged else {}
     rows = []
     for m in chosen:
-        c = compare(base, raw[m.id])
+        ids, res = selected[m.id], raw.get(m.id, none)
+        sub = base if ids is None else {"verdicts": {k: base["verdicts"][k] for k in ids}}
+        c = compare(sub, res) if ids != [] else {"changed": {}, "exit_differs": False,
+                                                                   "caught": False}  # fmt: skip
         prev = old.get(m.id, {})
         changed = {**prev.get("changed", {}), **c["changed"]}
         caught = c["caught"] or bool(prev.get("caught"))
         rows.append({
             "id": m.id, "file": m.file, "description": m.description, "caught": caught,
-            "caught_by": sorted(changed), "changed": changed, "rc": raw[m.id]["rc"],
-            "exit_differs": c["exit_differs"], "wall_s": raw[m.id]["wall_s"],
-            "notes": {k: raw[m.id]["notes"].get(k) for k in c["changed"]},
-            "stderr_tail": raw[m.id]["stderr_tail"] if raw[m.id]["rc"] not in (0, 1) else "",
+            "caught_by": sorted(changed), "changed": changed, "rc": res["rc"],
+            "exit_differs": c["exit_differs"], "wall_s": res["wall_s"],
+            "checks_run": "all" if ids is None else ids,
+            "notes": {k: res["notes"].get(k) for k in c["changed"]},
+            "stderr_tail": res["stderr_tail"] if res["rc"] not in (0, 1) else "",
         })  # fmt: skip
     line = summarise(rows)
     text = table(rows)

@@ -93,3 +93,29 @@ def test_compare_counts_a_verdict_change_or_a_new_exit_status_as_caught():
     assert crashed["caught"] and set(crashed["changed"]) == {"T0", "T10"}
     exit_only = compare(base, {"rc": 1, "verdicts": dict(base["verdicts"])})
     assert exit_only["caught"] and exit_only["exit_differs"]
+
+
+def test_coverage_selection_runs_only_the_checks_that_call_the_mutated_function(tmp_path):
+    f = tmp_path / "verify" / "m.py"
+    f.parent.mkdir()
+    f.write_text("def a():\n    return 1\n\n\ndef b():\n    return 2\n")
+    mt = Mutant("in-b", "verify/m.py", "return 2", "return 3", "b returns 3")
+    line = mutants.target_line(mt, tmp_path)
+    assert line == 6
+    cov = {
+        "T0": {"verdict": "PASS", "spans": [["verify/m.py", 1, 2]]},  # calls a() only
+        "T1": {"verdict": "PASS", "spans": [["verify/m.py", 5, 6], ["verify/other.py", 1, 9]]},
+        "T2": {"verdict": "PASS", "spans": []},
+    }
+    assert mutants.covering(mt, line, cov) == ["T1"]
+    timed = Mutant("timed", "verify/stacked.py", "x", "y", "a function picked by timing")
+    cov["T2"]["spans"] = [["verify/stacked.py", 200, 210]]
+    assert mutants.covering(timed, 50, cov) == ["T2"]  # any call into a timing-dependent file covers it
+
+
+def test_compare_on_a_subset_takes_the_runners_exit_rule():
+    sub = {"verdicts": {"T4": "PASS"}}
+    assert not compare(sub, {"rc": 0, "verdicts": {"T4": "PASS"}})["caught"]
+    assert compare(sub, {"rc": 1, "verdicts": {"T4": "PASS"}})["exit_differs"]
+    failing = {"verdicts": {"T9": "FAIL"}}
+    assert not compare(failing, {"rc": 1, "verdicts": {"T9": "FAIL"}})["caught"]
