@@ -25,11 +25,15 @@ code under test (dense matrices, numpy, closed forms, the paper's own definition
   standard error ``sqrt(Tr((A Xi)^2) / (2 n))`` for n antithetic pairs), ``avg_sam_quadratic`` and
   ``sam_sharpness`` (``rho ||g|| + rho^2/2 g^T A g / ||g||^2``) to 1e-10; the closed-form gradient noise
   (``b E xi^2 = noise_std^2``) and avg-SAM's Gaussian draws (``E eps^2 = sigma^2``) within 4 standard errors.
+- **mixing matrices** (ring, exponential; m = 16): ``S_P`` (computed by T6 and printed, asserted nowhere
+  else) against its series ``(1/m) sum_t ||(P - J)^t (I - J)||_F^2`` and the spectral gap against numpy's
+  SVD, to 1e-10.
 
 Criterion: every comparison holds. Negative control: the same comparisons fed plausible wrong
 implementations (ATC, P^T, gradients at w_a, the previous step's lr, Tr Xi without 1/m, Tr(H Xi) with
-1/(m-1) or at worker 0, worker 0's loss, Hutchinson's stderr without 1/sqrt(n), the Xi sampler without
-1/sqrt(m), overlapping batches, noise std / b): every one must be rejected.
+1/(m-1) or at worker 0, worker 0's loss, the smallest Ritz values, Hutchinson's stderr without 1/sqrt(n),
+the Xi sampler without 1/sqrt(m), overlapping batches, noise std / b, S_P with I in place of I - J): every
+one must be rejected.
 Cost: about 30 engine steps of m gradients, two dense d x d Hessians (d HVPs each), ~250 HVPs.
 """
 
@@ -461,6 +465,34 @@ def mlp_part(ctx: Context, comps: list, ctrls: list, info: dict) -> None:
                 mlp_eigh_top=[float(v) for v in lam[::-1][:k]])  # fmt: skip
 
 
+def spectral_part(comps: list, ctrls: list, info: dict) -> None:
+    """The mixing-matrix numbers the reports print: ``S_P = (1/m) sum_t ||(P - J)^t (I - J)||_F^2`` summed
+    term by term in numpy, and the spectral gap ``1 - ||P - J||_2`` from numpy's SVD, for the ring and the
+    directed exponential graph (m = 16, both built from their definitions here)."""
+    from verify.topology import s_p, spectral_gap
+
+    m = 16
+    J = np.full((m, m), 1.0 / m)
+    for name, P in (("ring", ring_matrix(m)), ("exponential", exponential_matrix(m))):
+        A = P - J
+
+        def series(source: np.ndarray, A: np.ndarray = A) -> float:
+            total, X = 0.0, source
+            for _ in range(10_000):
+                term = float((X * X).sum())
+                total += term
+                if term <= 1e-17 * total:
+                    break
+                X = A @ X
+            return total / m
+
+        ref = series(np.eye(m) - J)
+        comps.append(close(f"S_P of the {name} (m = {m}) vs its series", s_p(P), ref))
+        ctrls.append(close(f"S_P of the {name} with I in place of I - J", series(np.eye(m)), ref))
+        comps.append(close(f"spectral gap of the {name}", spectral_gap(P), 1 - np.linalg.norm(A, 2)))
+        info[f"s_p_{name}"] = ref
+
+
 @register
 class LoggedMeasures(Check):
     id = "T15"
@@ -481,8 +513,8 @@ class LoggedMeasures(Check):
     control = (
         "plausible bugs fed to the same comparisons (ATC, P^T, gradients at w_a, previous step's lr, Tr Xi "
         "without 1/m, Tr(H Xi) with 1/(m-1) or at worker 0, worker 0's loss, Lanczos smallest, Hutchinson "
-        "stderr without 1/sqrt(n), Xi sampler without 1/sqrt(m), overlapping batches, noise std/b): all "
-        "rejected"
+        "stderr without 1/sqrt(n), Xi sampler without 1/sqrt(m), overlapping batches, noise std/b, S_P "
+        "with I for I - J): all rejected"
     )
     single_threaded = True
 
@@ -492,6 +524,7 @@ class LoggedMeasures(Check):
         info: dict = {}
         quadratic_part(ctx, comps, ctrls, info)
         mlp_part(ctx, comps, ctrls, info)
+        spectral_part(comps, ctrls, info)
         failed = failures(comps)
         worst = max(comps, key=lambda c: c.ratio)
         not_rejected = [c.name for c in ctrls if c.holds]
