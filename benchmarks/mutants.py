@@ -10,6 +10,7 @@ did not. Prints one row per mutant (the checks that changed verdict) and the kil
 
     python benchmarks/mutants.py [--only ID,...] [--list] [--jobs N] [--checks T0,T1,...] [--out DIR]
                                  [--select coverage|all] [--timeout S] [--merge OLD/summary.json]
+                                 [--combine A/summary.json,B/summary.json]
 
 ``--select coverage`` (default): the unmutated suite runs once under a call-only ``sys.settrace``, which
 records each check's verdict (the baseline) and the functions of the mutated files it calls; each mutant then
@@ -18,7 +19,8 @@ whose vmap/loop path is chosen by timing). Sound because a check that never exec
 the baseline's verdict (every check is seeded and independent of the others); a mutant no check executes
 survives without a run. ``--select all``: every check on every mutant plus an untraced baseline run.
 ``--merge`` adds the checks that caught each mutant in an earlier sweep (e.g. T0-T12) to this one's (e.g.
-``--checks T15``), valid for the same reason. A target text that is missing or occurs more than once stops
+``--checks T15``), valid for the same reason; ``--combine`` does the same for finished sweeps without running
+anything. A target text that is missing or occurs more than once stops
 everything with one line naming the mutant (exit 2): the list cannot silently rot. Cost: one quick suite for
 the baseline and, per mutant, the checks that execute it (a whole quick suite is about 60-90 s on a quiet CPU
 core). Not part of the default test run.
@@ -261,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per suite run (default 1800)")
     p.add_argument("--merge", default=None, metavar="JSON", help="an earlier summary.json to add to this one")
     p.add_argument(
+        "--combine", default=None, metavar="JSON,JSON",
+        help="run nothing: the union of earlier summary.json files (e.g. T0-T12 and T15 sweeps) into --out",
+    )  # fmt: skip
+    p.add_argument(
         "--select", choices=("coverage", "all"), default="coverage",
         help="coverage (default): run on each mutant only the checks that call the mutated function, found "
         "by one traced baseline run; all: every check on every mutant, plus an untraced baseline",
@@ -279,12 +285,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             raise MutantError(f"--jobs must be >= 1, got {args.jobs}")
         merged = json.loads(Path(args.merge).read_text()) if args.merge else None
+        combined = [json.loads(Path(f).read_text()) for f in (args.combine or "").split(",") if f]
     except (MutantError, OSError, ValueError) as exc:
         print(f"mutants: {exc}", file=sys.stderr)
         return 2
     if args.list:
         for m in chosen:
             print(f"{m.id:<28} {m.file:<24} {m.description}")
+        return 0
+    if combined:
+        sweeps = [[r for r in doc["mutants"] if r["id"] in {m.id for m in chosen}] for doc in combined]
+        extra = {"combined_from": args.combine.split(","), "checks": [doc["checks"] for doc in combined]}
+        write_summary(Path(args.out), union_rows(sweeps), argv, extra, 0.0)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -329,43 +341,67 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
     none = {"rc": 0, "verdicts": {}, "notes": {}, "wall_s": 0.0, "stderr_tail": ""}
-    old = {r["id"]: r for r in merged["mutants"]} if merged else {}
     rows = []
     for m in chosen:
         ids, res = selected[m.id], raw.get(m.id, none)
         sub = base if ids is None else {"verdicts": {k: base["verdicts"][k] for k in ids}}
         c = compare(sub, res) if ids != [] else {"changed": {}, "exit_differs": False,
                                                                    "caught": False}  # fmt: skip
-        prev = old.get(m.id, {})
-        changed = {**prev.get("changed", {}), **c["changed"]}
-        caught = c["caught"] or bool(prev.get("caught"))
         rows.append({
-            "id": m.id, "file": m.file, "description": m.description, "caught": caught,
-            "caught_by": sorted(changed), "changed": changed, "rc": res["rc"],
+            "id": m.id, "file": m.file, "description": m.description, "caught": c["caught"],
+            "caught_by": sorted(c["changed"]), "changed": c["changed"], "rc": res["rc"],
             "exit_differs": c["exit_differs"], "wall_s": res["wall_s"],
             "checks_run": "all" if ids is None else ids,
             "notes": {k: res["notes"].get(k) for k in c["changed"]},
             "stderr_tail": res["stderr_tail"] if res["rc"] not in (0, 1) else "",
         })  # fmt: skip
+    if merged:
+        rows = union_rows([merged["mutants"], rows])
+    extra = {"checks": args.checks or "all quick checks", "merged_from": args.merge, "baseline": base}
+    write_summary(out, rows, argv, extra, time.perf_counter() - t0)
+    return 0
+
+
+def union_rows(sweeps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per mutant id (first sweep's order), the union over sweeps of the checks run and the verdict changes;
+    caught if any sweep caught it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for sweep in sweeps:
+        for r in sweep:
+            cur = rows.get(r["id"])
+            if cur is None:
+                rows[r["id"]] = {**r, "changed": dict(r["changed"]), "notes": dict(r.get("notes", {}))}
+                continue
+            cur["changed"].update(r["changed"])
+            cur["notes"].update(r.get("notes", {}))
+            cur["caught"] = bool(cur["caught"] or r["caught"])
+            cur["caught_by"] = sorted(cur["changed"])
+            runs = [cur.get("checks_run", "all"), r.get("checks_run", "all")]
+            cur["checks_run"] = "all" if "all" in runs else sorted(set(runs[0]) | set(runs[1]))
+    return list(rows.values())
+
+
+def write_summary(
+    out: Path, rows: list[dict[str, Any]], argv: list[str] | None, extra: dict[str, Any], wall: float
+) -> None:
+    """Print the table and the kill rate; write ``summary.json`` and ``summary.md`` under ``out``."""
     line = summarise(rows)
     text = table(rows)
     print(text)
     print(line)
     summary = {
         "command": "python benchmarks/mutants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "checks": args.checks or "all quick checks",
-        "merged_from": args.merge,
-        "baseline": base,
+        **extra,
         "mutants": rows,
         "killed": sum(r["caught"] for r in rows),
         "total": len(rows),
         "summary": line,
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(wall, 1),
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(f"# Mutation test\n\n{text}\n\n{line}\n")
     print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
-    return 0
 
 
 if __name__ == "__main__":

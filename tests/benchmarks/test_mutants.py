@@ -119,3 +119,21 @@ def test_compare_on_a_subset_takes_the_runners_exit_rule():
     assert compare(sub, {"rc": 1, "verdicts": {"T4": "PASS"}})["exit_differs"]
     failing = {"verdicts": {"T9": "FAIL"}}
     assert not compare(failing, {"rc": 1, "verdicts": {"T9": "FAIL"}})["caught"]
+
+
+def test_union_of_sweeps_keeps_every_catch_and_the_checks_run():
+    a = [
+        {"id": "x", "caught": False, "caught_by": [], "changed": {}, "checks_run": ["T0"]},
+        {
+            "id": "y",
+            "caught": True,
+            "caught_by": ["T6"],
+            "changed": {"T6": "PASS -> FAIL"},
+            "checks_run": "all",
+        },
+    ]
+    b = [{"id": "x", "caught": True, "caught_by": ["T15"], "changed": {"T15": "PASS -> FAIL"}, "checks_run": ["T15"]},
+         {"id": "y", "caught": False, "caught_by": [], "changed": {}, "checks_run": []}]  # fmt: skip
+    x, y = mutants.union_rows([a, b])
+    assert x["caught"] and x["caught_by"] == ["T15"] and x["checks_run"] == ["T0", "T15"]
+    assert y["caught"] and y["caught_by"] == ["T6"] and y["checks_run"] == "all"
