@@ -177,7 +177,7 @@ for cls in checks:
     for co in codes:
         lines = [co.co_firstlineno] + [n for _, _, n in co.co_lines() if n is not None]
         spans.append([co.co_filename, min(lines), max(lines)])
-    result[cls.id] = {"verdict": res.verdict, "spans": spans}
+    result[cls.id] = {"verdict": res.verdict, "seconds": res.seconds, "spans": spans}
 json.dump(result, open(out, "w"))
 """
 #: files whose functions are picked by timing (``choose_execution``): any call into the file covers all of it
@@ -232,6 +232,30 @@ def one(mutant: Mutant | None, work: Path, checks: str | None, timeout: float, r
     return res
 
 
+def one_staged(
+    mutant: Mutant, work: Path, ids: list[str], base: dict[str, str], timeout: float, root: Path
+) -> dict[str, Any]:
+    """``--stop-at-first``: the checks ``ids`` one at a time (in the given order) on one mutated copy,
+    stopping at the first whose verdict or exit status differs from the baseline's ``base``. Returns the
+    merged result with ``checks_done``."""
+    tree = mutated_copy(mutant, work / mutant.id / "src", root)
+    merged: dict[str, Any] = {"rc": 0, "verdicts": {}, "notes": {}, "wall_s": 0.0, "stderr_tail": ""}
+    done = []
+    for cid in ids:
+        res = run_suite(tree, work / mutant.id / f"report-{cid}", cid, timeout)
+        done.append(cid)
+        merged["verdicts"].update(res["verdicts"])
+        merged["notes"].update(res["notes"])
+        merged["wall_s"] = round(merged["wall_s"] + res["wall_s"], 1)
+        if res["rc"] not in (0, 1) or (merged["rc"] == 0 and res["rc"] == 1):
+            merged["rc"], merged["stderr_tail"] = res["rc"], res["stderr_tail"]
+        if compare({"verdicts": {cid: base[cid]}}, res)["caught"]:
+            break
+    shutil.rmtree(tree, ignore_errors=True)
+    merged["checks_done"] = done
+    return merged
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| mutant | bug | checks run | caught by | verdict changes |", "|---|---|---|---|---|"]
     for r in rows:
@@ -265,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--combine", default=None, metavar="JSON,JSON",
         help="run nothing: the union of earlier summary.json files (e.g. T0-T12 and T15 sweeps) into --out",
+    )  # fmt: skip
+    p.add_argument(
+        "--coverage", default=None, metavar="JSON",
+        help="reuse the coverage.json of an earlier sweep (same code) instead of the traced baseline run",
+    )  # fmt: skip
+    p.add_argument(
+        "--stop-at-first", action="store_true",
+        help="with coverage: run a mutant's checks one at a time, fastest first, and stop at the first catch "
+        "(cheaper on a busy machine; 'caught by' then names that check only)",
     )  # fmt: skip
     p.add_argument(
         "--select", choices=("coverage", "all"), default="coverage",
@@ -309,13 +342,21 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = copy_packages(work / "pristine")
         if args.select == "coverage":
             try:
-                cov = trace_checks(
-                    copy_packages(work / "trace" / "src", snapshot), args.checks,
-                    sorted({m.file for m in chosen}), args.timeout,
-                )  # fmt: skip
-            except (MutantError, subprocess.TimeoutExpired) as exc:
+                if args.coverage:
+                    cov = json.loads(Path(args.coverage).read_text())
+                else:
+                    cov = trace_checks(
+                        copy_packages(work / "trace" / "src", snapshot), args.checks,
+                        sorted({m.file for m in chosen}), args.timeout,
+                    )  # fmt: skip
+            except (MutantError, subprocess.TimeoutExpired, OSError, ValueError) as exc:
                 print(f"mutants: {exc}", file=sys.stderr)
                 return 1
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "coverage.json").write_text(json.dumps(cov) + "\n")
+            if args.checks:
+                want = {c.strip() for c in args.checks.split(",")}
+                cov = {k: v for k, v in cov.items() if k in want}
             base = {"verdicts": {cid: e["verdict"] for cid, e in cov.items()}, "coverage": True}
             print(f"  {BASELINE:<28} (coverage run) {base['verdicts']}", flush=True)
             for m in chosen:
@@ -328,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = {}
             for m in jobs:
+                if m is not None and args.stop_at_first and selected[m.id]:
+                    order = sorted(selected[m.id], key=lambda c: cov[c].get("seconds", 0.0))
+                    verdicts = base["verdicts"]
+                    futures[m.id] = pool.submit(one_staged, m, work, order, verdicts, args.timeout, snapshot)
+                    continue
                 ids = args.checks if m is None or selected[m.id] is None else ",".join(selected[m.id])
                 futures[m.id if m else BASELINE] = pool.submit(one, m, work, ids, args.timeout, snapshot)
             for name, fut in futures.items():
@@ -344,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in chosen:
         ids, res = selected[m.id], raw.get(m.id, none)
+        if ids and "checks_done" in res:
+            ids = res["checks_done"]
         sub = base if ids is None else {"verdicts": {k: base["verdicts"][k] for k in ids}}
         c = compare(sub, res) if ids != [] else {"changed": {}, "exit_differs": False,
                                                                    "caught": False}  # fmt: skip
