@@ -29,6 +29,7 @@ core). Not part of the default test run.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -154,8 +155,8 @@ def compare(base: dict[str, Any], mut: dict[str, Any]) -> dict[str, Any]:
     return {"changed": changed, "exit_differs": exit_differs, "caught": bool(changed) or mut["rc"] != base_rc}
 
 
-# The coverage run (a child process in a copy of the tree): each check's verdict, and the functions of the
-# mutated files it calls (code objects seen by a call-only ``sys.settrace``; no line tracing).
+# The coverage run (a child process in a copy of the tree): each check's verdict and seconds, and the lines
+# of the mutated files it executes (``sys.settrace``; line events only inside those files).
 TRACER = """
 import json, sys
 from verify.claims.base import Context
@@ -164,23 +165,45 @@ out, only, files = sys.argv[1], sys.argv[2] or None, set(sys.argv[3:])
 checks, _ = select_checks(only, False)
 result = {}
 for cls in checks:
-    codes = set()
-    def trace(frame, event, arg, codes=codes):
+    lines = set()
+    def local(frame, event, arg, lines=lines):
+        if event == "line":
+            lines.add((frame.f_code.co_filename, frame.f_lineno))
+        return local
+    def trace(frame, event, arg):
         if frame.f_code.co_filename in files:
-            codes.add(frame.f_code)
+            lines.add((frame.f_code.co_filename, frame.f_code.co_firstlineno))
+            return local
+        return None
     sys.settrace(trace)
     try:
         res = execute(cls, Context(quick=True, seed=0))
     finally:
         sys.settrace(None)
-    spans = []
-    for co in codes:
-        lines = [co.co_firstlineno] + [n for _, _, n in co.co_lines() if n is not None]
-        spans.append([co.co_filename, min(lines), max(lines)])
-    result[cls.id] = {"verdict": res.verdict, "seconds": res.seconds, "spans": spans}
+    by_file = {}
+    for f, n in lines:
+        by_file.setdefault(f, []).append(n)
+    result[cls.id] = {"verdict": res.verdict, "seconds": res.seconds,
+                      "lines": {f: sorted(v) for f, v in by_file.items()}}
 json.dump(result, open(out, "w"))
 """
-#: files whose functions are picked by timing (``choose_execution``): any call into the file covers all of it
+# A mutant's checks in one process, one at a time, stopping at the first verdict that differs from the
+# baseline's.
+STAGED = """
+import json, sys
+from verify.claims.base import Context
+from verify.claims.registry import get
+from verify.claims.runner import execute
+out, base = sys.argv[1], json.loads(sys.argv[2])
+result = {}
+for cid, verdict in base.items():
+    res = execute(get(cid), Context(quick=True, seed=0))
+    result[cid] = {"verdict": res.verdict, "note": (res.notes or [""])[0][:160], "seconds": res.seconds}
+    json.dump(result, open(out, "w"))
+    if res.verdict != verdict:
+        break
+"""
+#: files whose functions are picked by timing (``choose_execution``): a line run in the file covers all of it
 TIMING_DEPENDENT = ("verify/stacked.py",)
 
 
@@ -190,10 +213,24 @@ def target_line(mutant: Mutant, tree: Path) -> int:
     return text[: text.index(mutant.target)].count("\n") + 1
 
 
+def statement_span(mutant: Mutant, tree: Path) -> tuple[int, int]:
+    """The lines ``[first, last]`` of the innermost statement holding the target's first line (``ast``): the
+    mutated code runs only if some line of that statement runs (a continuation line of a long statement may
+    emit no line event of its own)."""
+    text = (tree / mutant.file).read_text()
+    line = target_line(mutant, tree)
+    best = (1, len(text.splitlines()))
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.stmt) and node.lineno <= line <= (node.end_lineno or node.lineno):
+            if (node.end_lineno or node.lineno) - node.lineno <= best[1] - best[0]:
+                best = (node.lineno, node.end_lineno or node.lineno)
+    return best
+
+
 def trace_checks(tree: Path, checks: str | None, files: list[str], timeout: float) -> dict[str, Any]:
-    """Run the quick checks once, unmutated, in ``tree`` under the call tracer: ``{id: {"verdict", "spans":
-    [[file, first, last], ...]}}`` with files relative to ``tree``. Cost: one quick suite (call tracing
-    adds little: no line events)."""
+    """Run the quick checks once, unmutated, in ``tree`` under the line tracer: ``{id: {"verdict",
+    "seconds", "lines": {file: [line, ...]}}}`` with files relative to ``tree``. Cost: one quick suite plus
+    a Python call per line run in the traced files."""
     out = tree.parent / "coverage.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(tree), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -207,19 +244,18 @@ def trace_checks(tree: Path, checks: str | None, files: list[str], timeout: floa
     data = json.loads(out.read_text())
     root = str(tree.resolve()) + os.sep
     for entry in data.values():
-        entry["spans"] = [[f.removeprefix(root), a, b] for f, a, b in entry["spans"]]
+        entry["lines"] = {f.removeprefix(root): v for f, v in entry["lines"].items()}
     return data
 
 
-def covering(mutant: Mutant, line: int, coverage: dict[str, Any]) -> list[str]:
-    """The checks that call the function holding the mutant's target (any function of a timing-dependent
-    file): only their verdicts can change, the others never execute the mutated code."""
+def covering(mutant: Mutant, span: tuple[int, int], coverage: dict[str, Any]) -> list[str]:
+    """The checks that run a line of the statement ``span`` holding the mutant's target (any line of a
+    timing-dependent file): only their verdicts can change, the others never execute the mutated code."""
     out = []
     for cid, entry in coverage.items():
-        for f, a, b in entry["spans"]:
-            if f == mutant.file and (mutant.file in TIMING_DEPENDENT or a <= line <= b):
-                out.append(cid)
-                break
+        ran = entry["lines"].get(mutant.file, [])
+        if ran and (mutant.file in TIMING_DEPENDENT or any(span[0] <= n <= span[1] for n in ran)):
+            out.append(cid)
     return out
 
 
@@ -233,27 +269,35 @@ def one(mutant: Mutant | None, work: Path, checks: str | None, timeout: float, r
 
 
 def one_staged(
-    mutant: Mutant, work: Path, ids: list[str], base: dict[str, str], timeout: float, root: Path
+    mutant: Mutant, work: Path, base: dict[str, str], timeout: float, root: Path
 ) -> dict[str, Any]:
-    """``--stop-at-first``: the checks ``ids`` one at a time (in the given order) on one mutated copy,
-    stopping at the first whose verdict or exit status differs from the baseline's ``base``. Returns the
-    merged result with ``checks_done``."""
+    """``--stop-at-first``: the checks of ``base`` (id -> baseline verdict, in that order) one at a time in
+    ONE process on one mutated copy, stopping at the first verdict that differs. A crash or a timeout counts
+    as caught. Returns the result with ``checks_done``."""
     tree = mutated_copy(mutant, work / mutant.id / "src", root)
-    merged: dict[str, Any] = {"rc": 0, "verdicts": {}, "notes": {}, "wall_s": 0.0, "stderr_tail": ""}
-    done = []
-    for cid in ids:
-        res = run_suite(tree, work / mutant.id / f"report-{cid}", cid, timeout)
-        done.append(cid)
-        merged["verdicts"].update(res["verdicts"])
-        merged["notes"].update(res["notes"])
-        merged["wall_s"] = round(merged["wall_s"] + res["wall_s"], 1)
-        if res["rc"] not in (0, 1) or (merged["rc"] == 0 and res["rc"] == 1):
-            merged["rc"], merged["stderr_tail"] = res["rc"], res["stderr_tail"]
-        if compare({"verdicts": {cid: base[cid]}}, res)["caught"]:
-            break
+    out = work / mutant.id / "staged.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(tree), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-c", STAGED, str(out), json.dumps(base)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, err = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, err = "timeout", ""
+    done = json.loads(out.read_text()) if out.is_file() else {}
     shutil.rmtree(tree, ignore_errors=True)
-    merged["checks_done"] = done
-    return merged
+    verdicts = {k: v["verdict"] for k, v in done.items()}
+    notes = {k: v["note"] for k, v in done.items()}
+    if rc != 0 and len(done) < len(base):  # the child crashed or timed out inside the next check
+        nxt = list(base)[len(done)]
+        verdicts[nxt], notes[nxt] = f"CRASH ({rc})", "\n".join(err.splitlines()[-3:])[-160:]
+    tail = "\n".join(line for line in err.splitlines() if "it/s" not in line)[-600:]
+    return {
+        "rc": 1 if any(v == "FAIL" or v.startswith("CRASH") for v in verdicts.values()) else 0,
+        "verdicts": verdicts, "notes": notes, "wall_s": round(time.perf_counter() - t0, 1),
+        "stderr_tail": tail, "checks_done": list(verdicts),
+    }  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -360,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {"verdicts": {cid: e["verdict"] for cid, e in cov.items()}, "coverage": True}
             print(f"  {BASELINE:<28} (coverage run) {base['verdicts']}", flush=True)
             for m in chosen:
-                selected[m.id] = covering(m, target_line(m, snapshot), cov)
+                selected[m.id] = covering(m, statement_span(m, snapshot), cov)
         else:
             selected = {m.id: None for m in chosen}
         jobs: list[Mutant | None] = ([] if args.select == "coverage" else [None]) + [
@@ -371,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in jobs:
                 if m is not None and args.stop_at_first and selected[m.id]:
                     order = sorted(selected[m.id], key=lambda c: cov[c].get("seconds", 0.0))
-                    verdicts = base["verdicts"]
-                    futures[m.id] = pool.submit(one_staged, m, work, order, verdicts, args.timeout, snapshot)
+                    verdicts = {c: base["verdicts"][c] for c in order}
+                    futures[m.id] = pool.submit(one_staged, m, work, verdicts, args.timeout, snapshot)
                     continue
                 ids = args.checks if m is None or selected[m.id] is None else ",".join(selected[m.id])
                 futures[m.id if m else BASELINE] = pool.submit(one, m, work, ids, args.timeout, snapshot)

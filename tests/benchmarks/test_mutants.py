@@ -95,22 +95,23 @@ def test_compare_counts_a_verdict_change_or_a_new_exit_status_as_caught():
     assert exit_only["caught"] and exit_only["exit_differs"]
 
 
-def test_coverage_selection_runs_only_the_checks_that_call_the_mutated_function(tmp_path):
+def test_coverage_selection_runs_only_the_checks_that_run_the_mutated_statement(tmp_path):
     f = tmp_path / "verify" / "m.py"
     f.parent.mkdir()
-    f.write_text("def a():\n    return 1\n\n\ndef b():\n    return 2\n")
-    mt = Mutant("in-b", "verify/m.py", "return 2", "return 3", "b returns 3")
-    line = mutants.target_line(mt, tmp_path)
-    assert line == 6
+    f.write_text("def a(x):\n    if x:\n        return (1 +\n                2)\n    return 3\n")
+    mt = Mutant("in-a", "verify/m.py", "2)", "5)", "a continuation line of a statement")
+    assert mutants.target_line(mt, tmp_path) == 4
+    span = mutants.statement_span(mt, tmp_path)
+    assert span == (3, 4)  # the whole `return (1 + 2)` statement
     cov = {
-        "T0": {"verdict": "PASS", "spans": [["verify/m.py", 1, 2]]},  # calls a() only
-        "T1": {"verdict": "PASS", "spans": [["verify/m.py", 5, 6], ["verify/other.py", 1, 9]]},
-        "T2": {"verdict": "PASS", "spans": []},
+        "T0": {"verdict": "PASS", "lines": {"verify/m.py": [1, 2, 5]}},  # a(False): the branch never runs
+        "T1": {"verdict": "PASS", "lines": {"verify/m.py": [1, 2, 3], "verify/other.py": [9]}},
+        "T2": {"verdict": "PASS", "lines": {}},
     }
-    assert mutants.covering(mt, line, cov) == ["T1"]
+    assert mutants.covering(mt, span, cov) == ["T1"]
     timed = Mutant("timed", "verify/stacked.py", "x", "y", "a function picked by timing")
-    cov["T2"]["spans"] = [["verify/stacked.py", 200, 210]]
-    assert mutants.covering(timed, 50, cov) == ["T2"]  # any call into a timing-dependent file covers it
+    cov["T2"]["lines"] = {"verify/stacked.py": [200]}
+    assert mutants.covering(timed, (50, 50), cov) == ["T2"]  # any line run in a timing-dependent file
 
 
 def test_compare_on_a_subset_takes_the_runners_exit_rule():
@@ -132,7 +133,8 @@ def test_union_of_sweeps_keeps_every_catch_and_the_checks_run():
             "checks_run": "all",
         },
     ]
-    b = [{"id": "x", "caught": True, "caught_by": ["T15"], "changed": {"T15": "PASS -> FAIL"}, "checks_run": ["T15"]},
+    b = [{"id": "x", "caught": True, "caught_by": ["T15"], "changed": {"T15": "PASS -> FAIL"},
+          "checks_run": ["T15"]},
          {"id": "y", "caught": False, "caught_by": [], "changed": {}, "checks_run": []}]  # fmt: skip
     x, y = mutants.union_rows([a, b])
     assert x["caught"] and x["caught_by"] == ["T15"] and x["checks_run"] == ["T0", "T15"]
