@@ -213,18 +213,23 @@ def target_line(mutant: Mutant, tree: Path) -> int:
     return text[: text.index(mutant.target)].count("\n") + 1
 
 
-def statement_span(mutant: Mutant, tree: Path) -> tuple[int, int]:
-    """The lines ``[first, last]`` of the innermost statement holding the target's first line (``ast``): the
-    mutated code runs only if some line of that statement runs (a continuation line of a long statement may
-    emit no line event of its own)."""
+def statement_spans(mutant: Mutant, tree: Path) -> list[tuple[int, int]]:
+    """For each line of the mutant's target, the lines ``[first, last]`` of the innermost statement holding it
+    (``ast``): the mutated code runs only if some line of one of those statements runs (a continuation line
+    of a long statement may emit no line event of its own; a target spanning two statements, one of them in
+    a branch, is covered by either)."""
     text = (tree / mutant.file).read_text()
-    line = target_line(mutant, tree)
-    best = (1, len(text.splitlines()))
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.stmt) and node.lineno <= line <= (node.end_lineno or node.lineno):
-            if (node.end_lineno or node.lineno) - node.lineno <= best[1] - best[0]:
-                best = (node.lineno, node.end_lineno or node.lineno)
-    return best
+    first = target_line(mutant, tree)
+    stmts = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.stmt)]
+    spans = []
+    for line in range(first, first + mutant.target.count("\n") + 1):
+        best = (1, len(text.splitlines()))
+        for node in stmts:
+            last = node.end_lineno or node.lineno
+            if node.lineno <= line <= last and last - node.lineno <= best[1] - best[0]:
+                best = (node.lineno, last)
+        spans.append(best)
+    return spans
 
 
 def trace_checks(tree: Path, checks: str | None, files: list[str], timeout: float) -> dict[str, Any]:
@@ -248,13 +253,14 @@ def trace_checks(tree: Path, checks: str | None, files: list[str], timeout: floa
     return data
 
 
-def covering(mutant: Mutant, span: tuple[int, int], coverage: dict[str, Any]) -> list[str]:
-    """The checks that run a line of the statement ``span`` holding the mutant's target (any line of a
-    timing-dependent file): only their verdicts can change, the others never execute the mutated code."""
+def covering(mutant: Mutant, spans: list[tuple[int, int]], coverage: dict[str, Any]) -> list[str]:
+    """The checks that run a line of a statement in ``spans`` (those holding the mutant's target; any line of
+    a timing-dependent file): only their verdicts can change, the others never execute the mutated code."""
     out = []
     for cid, entry in coverage.items():
         ran = entry["lines"].get(mutant.file, [])
-        if ran and (mutant.file in TIMING_DEPENDENT or any(span[0] <= n <= span[1] for n in ran)):
+        hit = any(a <= n <= b for n in ran for a, b in spans)
+        if ran and (mutant.file in TIMING_DEPENDENT or hit):
             out.append(cid)
     return out
 
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {"verdicts": {cid: e["verdict"] for cid, e in cov.items()}, "coverage": True}
             print(f"  {BASELINE:<28} (coverage run) {base['verdicts']}", flush=True)
             for m in chosen:
-                selected[m.id] = covering(m, statement_span(m, snapshot), cov)
+                selected[m.id] = covering(m, statement_spans(m, snapshot), cov)
         else:
             selected = {m.id: None for m in chosen}
         jobs: list[Mutant | None] = ([] if args.select == "coverage" else [None]) + [

@@ -101,8 +101,8 @@ def test_coverage_selection_runs_only_the_checks_that_run_the_mutated_statement(
     f.write_text("def a(x):\n    if x:\n        return (1 +\n                2)\n    return 3\n")
     mt = Mutant("in-a", "verify/m.py", "2)", "5)", "a continuation line of a statement")
     assert mutants.target_line(mt, tmp_path) == 4
-    span = mutants.statement_span(mt, tmp_path)
-    assert span == (3, 4)  # the whole `return (1 + 2)` statement
+    span = mutants.statement_spans(mt, tmp_path)
+    assert span == [(3, 4)]  # the whole `return (1 + 2)` statement
     cov = {
         "T0": {"verdict": "PASS", "lines": {"verify/m.py": [1, 2, 5]}},  # a(False): the branch never runs
         "T1": {"verdict": "PASS", "lines": {"verify/m.py": [1, 2, 3], "verify/other.py": [9]}},
@@ -111,7 +111,13 @@ def test_coverage_selection_runs_only_the_checks_that_run_the_mutated_statement(
     assert mutants.covering(mt, span, cov) == ["T1"]
     timed = Mutant("timed", "verify/stacked.py", "x", "y", "a function picked by timing")
     cov["T2"]["lines"] = {"verify/stacked.py": [200]}
-    assert mutants.covering(timed, (50, 50), cov) == ["T2"]  # any line run in a timing-dependent file
+    assert mutants.covering(timed, [(50, 50)], cov) == ["T2"]  # any line run in a timing-dependent file
+    # a target over two statements, the first in a branch that never runs: the second one still covers it
+    f.write_text("def a(x):\n    if x:\n        y = 1\n    return 3\n")
+    two = Mutant("two", "verify/m.py", "        y = 1\n    return 3", "        y = 2\n    return 4", "two")
+    assert mutants.statement_spans(two, tmp_path) == [(3, 3), (4, 4)]
+    cov2 = {"T0": {"verdict": "PASS", "lines": {"verify/m.py": [1, 2, 4]}}}
+    assert mutants.covering(two, mutants.statement_spans(two, tmp_path), cov2) == ["T0"]
 
 
 def test_compare_on_a_subset_takes_the_runners_exit_rule():
