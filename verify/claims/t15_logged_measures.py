@@ -458,7 +458,7 @@ def mlp_part(ctx: Context, comps: list, ctrls: list, info: dict) -> None:
         )
     ctrls.append(Comparison("digits MLP: Lanczos smallest instead of largest", float(lam[0]), lam[-1],
                             top.residuals[0] + 1e-10 * abs(lam[-1])))  # fmt: skip
-    tr = hessian_trace(fl, n_probes=100, seed=ctx.seed)
+    tr = hessian_trace(fl, n_probes=100, method="hutchinson", seed=ctx.seed)
     comps.append(within_se("digits MLP: hessian_trace vs dense", tr.value, lam.sum(), se_tr))
     comps.append(se_ratio("digits MLP: Hutchinson stderr / exact", tr.stderr, se_tr))
     ctrls.append(
