@@ -144,7 +144,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
     except Exception as exc:  # noqa: BLE001 - torch reports corruption with many exception types
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {_line(exc)}") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), True
+        return torch.load(path, map_location="cpu", weights_only=False), True  # only with trust_pickle
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot unpickle checkpoint {path}: {_line(exc)}") from exc
 
