@@ -42,6 +42,7 @@ from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problem import Problem, generator
 from .stacked import choose_execution, local_grads
 from .topology import schedule
+from .transport import average_buffers
 
 ARMS = ("dsgd", "csgd", "avgsam-xi", "avgsam-iso", "avgsam-exact")
 #: a stream id for the lockstep perturbations, distinct from the engine's streams (verify.algorithms)
@@ -170,7 +171,7 @@ def _row(
         if arm in diverged:
             continue
         w = state.W.mean(0)
-        bufs = {k: v.mean(0) if v.is_floating_point() else v[0] for k, v in state.buffers.items()}
+        bufs = average_buffers(state.buffers, config.mix_buffers)  # as the engine logs w_a
         for k, v in problem.evaluate(w, bufs or None, samples=config.eval_samples).items():
             row[f"{arm}_{k}"] = v
         row[f"{arm}_dist"] = float((w - w_a).norm())
