@@ -15,6 +15,7 @@ from sharpness.checkpoint import CheckpointError, ScriptedModel, load_model, sav
 from sharpness.functional import SharpnessInputError
 from sharpness.hvp import HessianOperator
 from sharpness.importing import import_callable
+from tests.sharpness.user_module import importable
 
 ARCH_SRC = textwrap.dedent(
     """
@@ -44,12 +45,8 @@ X = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
 
 @pytest.fixture(scope="module", autouse=True)
 def arch_module(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archmod")
-    (root / "ckpt_test_arch.py").write_text(ARCH_SRC)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop("ckpt_test_arch", None)
+    with importable(tmp_path_factory.mktemp("archmod"), "ckpt_test_arch", ARCH_SRC) as root:
+        yield root
 
 
 def make_mlp(dtype=torch.float64, hidden=5):

@@ -30,6 +30,7 @@ from sharpness.report import select_metrics
 from sharpness.sam import avg_sam_loss, sam_sharpness
 from sharpness.table import fmt_err, fmt_value
 from sharpness.trace import hessian_trace
+from tests.sharpness.user_module import importable
 
 ARCH_SRC = textwrap.dedent(
     """
@@ -57,12 +58,8 @@ FAST = ["--samples", "40", "--probes", "8", "--rtol", "0", "--no-progress"]
 
 @pytest.fixture(scope="module", autouse=True)
 def arch_module(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cliarch")
-    (root / f"{MOD}.py").write_text(ARCH_SRC)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop(MOD, None)
+    with importable(tmp_path_factory.mktemp("cliarch"), MOD, ARCH_SRC) as root:
+        yield root
 
 
 def build(name="mlp", seed=0, **kw) -> nn.Module:

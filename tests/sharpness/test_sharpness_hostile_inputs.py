@@ -4,7 +4,6 @@ and every bad input or non-finite number is one clear line with exit status 2, n
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import sharpness
 from sharpness.checkpoint import CheckpointError, load_model, save_checkpoint
 from sharpness.cli import main
 from sharpness.functional import SharpnessInputError
+from tests.sharpness.user_module import importable
 
 HOSTILE_SRC = textwrap.dedent(
     """
@@ -57,12 +57,8 @@ QUIET = ["--no-progress", "--probes", "8"]
 
 @pytest.fixture(scope="module", autouse=True)
 def hostile_module(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    (root / f"{MOD}.py").write_text(HOSTILE_SRC)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-    sys.modules.pop(MOD, None)
+    with importable(tmp_path_factory.mktemp("hostile"), MOD, HOSTILE_SRC) as root:
+        yield root
 
 
 def build(seed: int = 0, **kw) -> nn.Module:
