@@ -247,9 +247,7 @@ def run_one(
         return flatness(fl, seed, protocol.lanczos_tol, protocol.trace_probes, protocol.lanczos_iters)
 
     t0 = time.perf_counter()
-    res = run_lockstep(
-        cfg, arms, problem=problem, measure=measure, progress=progress, desc=f"{which} s{seed}"
-    )
+    res = run_lockstep(cfg, arms, problem=problem, measure=measure, progress=progress)
     return {
         "seed": seed,
         "batch": which,
