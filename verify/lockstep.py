@@ -15,8 +15,9 @@ initialisation and on one batch stream (worker j's batch at step t is the same f
   *is* D-SGD's averaged dynamics (``verify.claims.t00_averaging``): it equals ``w_a`` up to rounding and is
   an identity, not evidence.
 
-The driver is one :func:`verify.engine.run` (the one run loop); the arms step in its hooks. Every arm uses the driver's learning-rate schedule, momentum and weight decay. Rows are logged at step 0,
-every ``log_every`` steps and at the end: ``step``, ``lr``, ``trace_xi`` (of the driver), and per arm
+The driver is one :func:`verify.engine.run` (the one run loop); the arms step in its hooks with the driver's
+learning-rate schedule, momentum and weight decay. Rows are logged at step 0, every ``log_every`` steps and at
+the end: ``step``, ``lr``, ``trace_xi`` (of the driver), and per arm
 ``<arm>_{train,test}_{loss,acc}`` (eval mode, :meth:`Problem.evaluate`) and ``<arm>_dist = ||w_arm - w_a||``
 (0 for ``dsgd``); ``measure(step, arm, w, buffers)`` may add ``<arm>_<key>`` columns (e.g. ``lambda_max``).
 Cost per step: m gradients per arm (the driver included) and one gossip product; memory: one (m, d) state
