@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .evidence import Effect, paired_bootstrap, t_interval
+from .flatness import Curve, value_at_loss
 
 ARMS = ("dsgd", "csgd", "avgsam-xi", "avgsam-iso")
 BATCHES = ("small", "large")
@@ -179,39 +180,25 @@ def flatness(
 def at_matched_loss(
     curves: Mapping[str, Mapping[str, Sequence[float]]], keys: Sequence[str], loss: str = "train_loss"
 ) -> dict[str, Any]:
-    """Compare runs at one common training loss.
-
-    ``curves[arm] = {loss: [...], key: [...]}`` at the measured points, in step order. The level is the
-    highest final loss among the arms (every arm reached it); each arm's ``key`` values are read at the
-    first point where its loss is <= the level, linearly interpolated in the loss between that point and
-    the one before. Returns ``{"level": L, "values": {arm: {key: value}}, "step_index": {arm: float},
-    "below_at_first": [arms]}``; an arm already below the level at its first point is read there (not
-    matched: its loss is lower than the level) and listed in ``below_at_first``.
-    Cost: nothing (reads the curves).
-    """
-    finals = {}
-    for arm, c in curves.items():
-        ls = [x for x in c[loss] if math.isfinite(x)]
-        if not ls:
-            raise ValueError(f"arm {arm}: no finite {loss}")
-        finals[arm] = ls[-1]
-    level = max(finals.values())
-    values: dict[str, dict[str, float]] = {}
-    where: dict[str, float] = {}
-    short: list[str] = []
+    """Compare runs at one common training loss: the level is the lowest loss every arm reaches (the highest
+    of the arms' lowest losses); each ``key`` is read there by :func:`verify.claims.flatness.value_at_loss`
+    (T14's rule: the first point at or below the level, interpolated in log value with the point before).
+    ``curves[arm] = {loss: [...], key: [...]}`` at the measured points, in step order. Returns ``{"level":
+    L, "values": {arm: {key: value}}, "below_at_first": [arms]}``: an arm already below the level at its
+    first point is read there (not matched: its loss is lower than the level). Cost: nothing."""
+    cs = {}
     for arm, c in curves.items():
         ls = np.asarray(c[loss], dtype=float)
-        i = int(np.flatnonzero(np.isfinite(ls) & (ls <= level))[0])
-        # ls[i - 1] > level >= ls[i]: the fraction of the way from point i - 1 to point i, in (0, 1]
-        frac = float((ls[i - 1] - level) / (ls[i - 1] - ls[i])) if i > 0 else 1.0
-        values[arm] = {}
-        for k in keys:
-            v = np.asarray(c[k], dtype=float)
-            values[arm][k] = float(v[i]) if i == 0 else float((1 - frac) * v[i - 1] + frac * v[i])
-        where[arm] = i - 1 + frac
-        if i == 0 and ls[0] < level:
-            short.append(arm)
-    return {"level": float(level), "values": values, "step_index": where, "below_at_first": short}
+        if not np.isfinite(ls).any():
+            raise ValueError(f"arm {arm}: no finite {loss}")
+        cs[arm] = Curve(np.arange(ls.size), ls, {k: np.asarray(c[k], dtype=float) for k in keys})
+    level = max(float(np.nanmin(c.loss)) for c in cs.values())
+    values = {arm: {k: value_at_loss(c, k, level) for k in keys} for arm, c in cs.items()}
+    return {
+        "level": level,
+        "values": values,
+        "below_at_first": [a for a, c in cs.items() if c.loss[0] < level],
+    }
 
 
 # ------------------------------------------------------------------------------------------ runs
