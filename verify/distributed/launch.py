@@ -39,10 +39,11 @@ LAUNCHERS = ("none", "torchrun", "local")
 @dataclass
 class LaunchResult:
     """``returncode`` (0 when every rank succeeded, else the first failing rank's code), every rank's exit
-    code (``codes``; local launcher only), the rank blamed (``culprit``) and the recorded diagnosis."""
+    code (``codes``; local launcher only), the first rank to fail and the recorded diagnosis."""
 
     returncode: int
     codes: list[int] = field(default_factory=list)
+    first_failed: int | None = None
     failure: str | None = None
     culprit: int | None = None
     wall_s: float = 0.0
