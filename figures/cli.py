@@ -1,10 +1,11 @@
 """``dsgd-figures all|NAME... [--preset quick|fmnist|paper] [--runs DIR] [--rerun] [--out DIR]``.
 
-Draws the figures from saved run directories (``--runs``, default ``runs/figures-<preset>``) and the suite
-report (``--report``, default ``<runs>/suite``); ``--rerun`` first produces whatever is missing through
-verify's API. Writes ``<out>/<figN_topic>.png`` (150 dpi), ``.pdf``, the caption ``.md`` / ``.json`` and
-``<out>/index.md``. Exit status 1 if a figure could not be drawn (the reason is printed and put in the
-gallery), 2 on bad arguments.
+Draws the figures from saved run directories (``--runs``, default ``runs/figures-<preset>``, with
+``-<precision>`` appended for a precision other than fp32) and the suite report (``--report``, default
+``<runs>/suite``); ``--rerun`` first produces whatever is missing through verify's API. Writes
+``<out>/<figN_topic>.png`` (150 dpi), ``.pdf``, the caption ``.md`` / ``.json`` and ``<out>/index.md``.
+Exit status 1 if a figure could not be drawn (the reason is printed and put in the gallery), 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from sharpness.arguments import OneLineParser
 from sharpness.functional import resolve_device
+from verify.speed import PRECISIONS, Speed
 
 from .catalog import MODULES, all_modules, checks_needed, module, render, runs_needed
 from .context import FigureContext
@@ -45,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="DIR", help="data folder for the fmnist / paper presets")
     p.add_argument("--seeds", type=int, default=None, help="seeds per run (default: the preset's)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: the preset's")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="arithmetic of the runs' training gradients (verify.speed; default fp32); a non-default one "
+        "keeps its runs in runs/figures-<preset>-<precision>",
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels-last training gradients (--rerun)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training gradients (--rerun)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list the figures and the preset's runs, then exit")
     return p
@@ -53,13 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        preset = get_preset(args.preset, data=args.data, seeds=args.seeds)
+        speed = Speed(args.precision, args.channels_last, args.compile)
+        preset = get_preset(args.preset, data=args.data, seeds=args.seeds, speed=speed)
         names = args.figures or ["all"]
         mods = all_modules() if "all" in names else [module(n) for n in names]
     except FiguresError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runs_dir = Path(args.runs or f"runs/figures-{preset.name}")
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    runs_dir = Path(args.runs or f"runs/figures-{preset.name}{suffix}")
     report_dir = Path(args.report) if args.report else runs_dir / "suite"
     device = args.device or preset.device
     if args.list:
@@ -93,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = time.perf_counter() - t0
     header = (
         f"Preset `{preset.name}`: {preset.description}. Runs from `{runs_dir}`, suite report from "
-        f"`{report_dir}`. Regenerate with `dsgd-figures all --preset {preset.name} --rerun` "
+        f"`{report_dir}`. Regenerate with `dsgd-figures all --preset {preset.name}{preset.flags} --rerun` "
         f"(expected time: {preset.expected_time}; this rendering took {time.perf_counter() - t0:.0f} s, "
         f"of which {t_inputs:.0f} s producing missing inputs)."
     )

@@ -19,13 +19,21 @@ training.
   64 and 512, lr 0.1 and 0.8, 6000 iterations, warm-up 60, decays at 2400 and 4800: the paper's settings
   except that it trains from scratch at 32x32 (the paper: ImageNet-pretrained, images resized to 56x56) and
   uses 1 seed like the paper. Meant for a GPU (``expected_time``); the full suite.
+
+Every preset trains in fp32 by default; :func:`get_preset` takes the speed options of :mod:`verify.speed`
+(``precision``, ``channels_last``, ``compile``) and puts them in every run's settings. ``precision`` makes
+other runs (a bf16 run is not accepted for an fp32 figure, nor the reverse); ``channels_last`` and
+``compile`` change rounding only and do not (``figures.context.IGNORED_SETTINGS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from verify.speed import Speed, precision_error
 
 from .sources import FiguresError
 
@@ -63,6 +71,8 @@ class Preset:
     landscape: dict[str, Any] = field(default_factory=dict)
     expected_time: str = ""
     device: str = "auto"
+    #: the ``dsgd-figures`` options that give its speed settings (empty for the default fp32)
+    flags: str = ""
 
     def find(self, key: str, batch: str, seed: int | None = None) -> list[RunSpec]:
         """The runs with this role (all seeds when ``seed`` is None)."""
@@ -236,15 +246,37 @@ def _paper(data: str | None, seeds: int | None) -> Preset:
 PRESETS = ("quick", "fmnist", "paper")
 
 
-def get_preset(name: str, *, data: str | None = None, seeds: int | None = None) -> Preset:
+def get_preset(
+    name: str, *, data: str | None = None, seeds: int | None = None, speed: Speed | None = None
+) -> Preset:
     """The preset ``name`` (quick, fmnist, paper); ``data``: the data folder for fmnist/paper; ``seeds``: how
-    many seeds per run (default: the preset's)."""
+    many seeds per run (default: the preset's); ``speed``: the speed options of every run (default fp32,
+    nothing else; :mod:`verify.speed`)."""
     if seeds is not None and int(seeds) < 1:
         raise FiguresError(f"seeds must be >= 1; got {seeds}")
     if name == "quick":
-        return _quick(seeds)
-    if name == "fmnist":
-        return _fmnist(data, seeds)
-    if name == "paper":
-        return _paper(data, seeds)
-    raise FiguresError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        preset = _quick(seeds)
+    elif name == "fmnist":
+        preset = _fmnist(data, seeds)
+    elif name == "paper":
+        preset = _paper(data, seeds)
+    else:
+        raise FiguresError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return with_speed(preset, speed or Speed())
+
+
+def with_speed(preset: Preset, speed: Speed) -> Preset:
+    """``preset`` with the speed options in every run's settings, and named in its description when they are
+    not the default; one-line :class:`FiguresError` when the precision does not fit the preset's dtype."""
+    for r in preset.runs:
+        why = precision_error(speed.precision, r.config.get("dtype", "float32"))
+        if why:
+            raise FiguresError(f"preset {preset.name}: {why}")
+    runs = [
+        RunSpec(r.label, r.key, r.batch, r.seed, dict(r.config, **dataclasses.asdict(speed)))
+        for r in preset.runs
+    ]
+    extra = "" if speed == Speed() else f"; training gradients {speed.label}"
+    flags = f" --precision {speed.precision}" * (speed.precision != "fp32")
+    flags += " --channels-last" * speed.channels_last + " --compile" * speed.compile
+    return dataclasses.replace(preset, runs=runs, description=preset.description + extra, flags=flags)

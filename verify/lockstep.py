@@ -41,7 +41,8 @@ from .algorithms import ALGORITHMS, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .engine import run
 from .problem import Problem, generator
-from .stacked import choose_execution, local_grads
+from .speed import training_grads
+from .stacked import choose_execution
 from .transport import average_buffers, exact_average
 
 ARMS = ("dsgd", "csgd", "avgsam-xi", "avgsam-iso", "avgsam-exact")
@@ -119,7 +120,7 @@ def run_lockstep(
     execution = config.execution
     if execution == "auto":
         execution = choose_execution(problem, W0, B0, problem.batches(0))
-    grads_fn = local_grads(problem, execution)
+    grads_fn = training_grads(problem, execution, config)  # the run's speed options, as the driver's
     acfg = AlgoConfig.of(config, sigma=0.0, local_steps=1)
     avgsam = get("avgsam")
     diverged: dict[str, int] = {}

@@ -19,13 +19,14 @@ import pytest
 from figures import catalog
 from figures.captions import fmt
 from figures.cli import main
-from figures.context import FigureContext, run_status
+from figures.context import FigureContext, config_mismatch, run_status
 from figures.presets import Preset, design, get_preset
 from figures.produce import missing_runs, produce_runs
 from figures.slopes import two
 from figures.sources import FiguresError, load_report
 from verify.claims.base import CheckResult, ControlResult
 from verify.claims.report import write_report
+from verify.speed import Speed
 
 RNG = np.random.default_rng(1234)
 
@@ -359,3 +360,24 @@ def test_bad_inputs_give_one_line_errors(made, tmp_path):
     assert main(["fig99", "--runs", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
+
+
+def test_presets_carry_the_speed_options(capsys):
+    """verify.speed's options go into every run of a preset; precision makes other runs (an fp32 figure never
+    reads a bf16 run), channels_last/compile do not; a run saved before the options existed is fp32."""
+    plain = get_preset("paper", data="x")
+    fast = get_preset("paper", data="x", speed=Speed("bf16", channels_last=True))
+    assert plain.flags == "" and all(r.config["precision"] == "fp32" for r in plain.runs)
+    assert fast.flags == " --precision bf16 --channels-last"
+    assert "training gradients bf16+channels_last" in fast.description
+    assert all(r.config["precision"] == "bf16" and r.config["channels_last"] is True for r in fast.runs)
+    old = {
+        k: v for k, v in plain.runs[0].config.items() if k not in ("precision", "channels_last", "compile")
+    }
+    assert config_mismatch(old, plain.runs[0].config) is None
+    assert config_mismatch(old, fast.runs[0].config) == "precision = 'fp32', the preset wants 'bf16'"
+    assert config_mismatch(dict(old, channels_last=True, compile=True), plain.runs[0].config) is None
+    with pytest.raises(FiguresError, match="^preset quick: precision bf16 applies to float32 runs"):
+        get_preset("quick", speed=Speed("bf16"))
+    assert main(["--list", "--preset", "paper", "--precision", "bf16"]) == 0
+    assert "runs/figures-paper-bf16/ring-b64-s0" in capsys.readouterr().out
