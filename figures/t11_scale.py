@@ -133,6 +133,15 @@ def check_folder(folder: Path, protocol: Any) -> dict[str, Any]:
     return saved
 
 
+def saved_wall(folder: Path) -> tuple[int, float]:
+    """``(number of saved runs, sum of their wall_s)`` in ``folder/runs`` (read with
+    :func:`verify.claims.largebatch.load_runs`, the writer's own reader)."""
+    from verify.claims.largebatch import load_runs
+
+    runs = load_runs(Path(folder))
+    return len(runs), float(sum(float(r.get("wall_s") or 0.0) for r in runs))
+
+
 def _samples(n: Any, what: str) -> str:
     return f"{what} ({int(n)}-image subset)" if n else f"{what} (all training images)"
 
