@@ -42,24 +42,9 @@ ARMS = {
 BATCHES = ("small", "large")
 #: The protocol settings (``Protocol.describe()`` keys) that make two T11 folders the same experiment; the
 #: data folder, device, seed count and the ``why`` text may differ.
-COMPARED = (
-    "data",
-    "model",
-    "model_kwargs",
-    "workers",
-    "small",
-    "large",
-    "steps",
-    "warmup",
-    "milestones",
-    "log_every",
-    "eval_samples",
-    "flat_samples",
-    "flat_steps",
-    "lanczos_tol",
-    "lanczos_iters",
-    "trace_probes",
-    "dtype",
+COMPARED = tuple(
+    "data model model_kwargs workers small large steps warmup milestones log_every eval_samples flat_samples "
+    "flat_steps lanczos_tol lanczos_iters trace_probes dtype".split()
 )
 _SERIES = re.compile(r"series_(small|large)_seed(\d+)\.csv")
 
