@@ -29,6 +29,7 @@ from .sources import FiguresError
 from .t11_scale import (
     ARMS,
     BATCHES,
+    DRAWN,
     accuracy_panels,
     check_folder,
     final_values,
@@ -74,7 +75,7 @@ def draw(ctx: FigureContext) -> tuple[Any, Caption]:
             f"--preset {ctx.preset.name} --runs {folder} --rerun"
         )
     saved = check_folder(folder, p)
-    series = read_series(folder, seeds)
+    series = read_series(folder, seeds, [f"{a}_{c}" for a in ARMS for c in DRAWN])
     fig, axes = style.subplots(3, 2, width=4.6, height=3.0)
     accuracy_panels(axes[0], series)
     flatness_panels(axes[1:], series, saved)

@@ -67,15 +67,23 @@ def seed_of(path: Path) -> int:
     return int(m[2])
 
 
-def read_series(folder: Path, seeds: Iterable[int] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
-    """``{batch: [columns of each seed's CSV]}`` (empty cells: NaN), in seed order."""
+#: The columns of a series CSV the panels draw, per arm.
+DRAWN = ("test_acc", "train_loss", "lambda_max", "lambda_max_err", "trace_h", "trace_h_err")
+
+
+def read_series(
+    folder: Path, seeds: Iterable[int] | None = None, require: Sequence[str] = ("step",)
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """``{batch: [columns of each seed's CSV]}`` (empty cells: NaN), in seed order; ``require``: columns
+    every file must have (else a one-line :class:`~figures.sources.FiguresError`)."""
     out: dict[str, list[dict[str, np.ndarray]]] = {}
     for b, paths in series_files(folder, seeds).items():
         out[b] = []
         for p in paths:
             cols = read_csv_columns(p)
-            if "step" not in cols:
-                raise FiguresError(f"{p} has no 'step' column")
+            missing = [c for c in ("step", *require) if c not in cols]
+            if missing:
+                raise FiguresError(f"{p} lacks column(s) {', '.join(dict.fromkeys(missing))}")
             out[b].append(cols)
     return out
 

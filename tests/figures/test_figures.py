@@ -514,6 +514,13 @@ def test_t11_figure_refuses_another_protocol_and_design_figures(tmp_path, capsys
         == 1
     )
     assert "no T11 series" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    t11_folder(bad, preset.protocol, range(1))
+    (bad / "series_large_seed0.csv").write_text("step,dsgd_test_acc\n0,0.1\n")
+    assert main(["all", *args[:4], "--runs", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert (
+        "series_large_seed0.csv lacks column(s) dsgd_train_loss, dsgd_lambda_max" in capsys.readouterr().err
+    )
 
 
 def test_t11_rerun_calls_run_protocol_with_resume(tmp_path, monkeypatch, capsys):
