@@ -2,11 +2,12 @@
 
 Draws the figures of the preset from saved run directories (``--runs``, default the preset's:
 ``runs/figures-<preset>``, with ``-<precision>`` appended for a precision other than fp32, or for ``fmnist``
-T11's folder ``results/t11-fmnist``) and the suite report (``--report``, default ``<runs>/suite``); ``--rerun`` first produces whatever is missing through verify's
-API. Which figures ``all`` means depends on the preset (:func:`figures.catalog.modules_for`); naming one that
-does not apply to it is a bad argument. Writes ``<out>/<figN_topic>.png`` (150 dpi), ``.pdf``, the caption
-``.md`` / ``.json`` and ``<out>/index.md``. Exit status 1 if a figure could not be drawn (the reason is
-printed and put in the gallery), 2 on bad arguments.
+T11's folder ``results/t11-fmnist``) and the suite report (``--report``, default ``<runs>/suite``);
+``--rerun`` first produces whatever is missing through verify's API. Which figures ``all`` means depends on
+the preset (:func:`figures.catalog.modules_for`); naming one that does not apply to it is a bad argument.
+Writes ``<out>/<figN_topic>.png`` (150 dpi), ``.pdf``, the caption ``.md`` / ``.json`` and ``<out>/index.md``.
+Exit status 1 if a figure could not be drawn (the reason is printed and put in the gallery), 2 on bad
+arguments.
 """
 
 from __future__ import annotations
