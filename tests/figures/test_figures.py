@@ -387,6 +387,8 @@ def test_presets_carry_the_speed_options(capsys):
     assert config_mismatch(dict(old, channels_last=True, compile=True), plain.runs[0].config) is None
     with pytest.raises(FiguresError, match="^preset quick: precision bf16 applies to float32 runs"):
         get_preset("quick", speed=Speed("bf16"))
+    with pytest.raises(FiguresError, match="^preset fmnist draws T11's saved runs"):
+        get_preset("fmnist", speed=Speed("bf16"))
     assert main(["--list", "--preset", "paper", "--precision", "bf16"]) == 0
     assert "runs/figures-paper-bf16/ring-b64-s0" in capsys.readouterr().out
 
