@@ -15,11 +15,12 @@ It prints one table in four parts:
    batched calls (chunk sweep, both backends ``func`` and ``autograd``), in gradients per vector; a
    100-probe trace and Lanczos top-5 against PyHessian's in the same process when ``pyhessian`` imports.
 3. **engine throughput** on the paper's model and batch (micro ResNet-18, CIFAR-shaped synthetic data,
-   m = 16, local batch 64 and 512): step time and images/s of a D-SGD step for fp32, TF32, bf16 autocast,
-   channels-last inputs and ``torch.compile`` (where each applies; a failure is printed with its reason),
-   against a centralised step of the same total batch; the projected time of one ``paper`` preset seed
-   (``figures.presets``: C-SGD and ring D-SGD at both batches, grid and exponential D-SGD at the large one,
-   6000 steps each) from the measured step times, measurements excluded.
+   m = 16, local batch 64 and 512): step time and images/s of a D-SGD step with the engine's own speed
+   options (``verify.speed``, the code ``dsgd-verify run --precision/--channels-last/--compile`` runs): fp32,
+   tf32, bf16, channels-last, bf16 + channels-last, compile (where each applies; a failure or a no-op is
+   printed with its reason), against a centralised step of the same total batch; the projected time of one
+   ``paper`` preset seed (``figures.presets``: C-SGD and ring D-SGD at both batches, grid and exponential
+   D-SGD at the large one, 6000 steps each) from the measured step times, measurements excluded.
 4. **distributed**: ``verify.distributed`` with NCCL needs one GPU per rank; with fewer than 2 GPUs it is
    skipped with that reason (its CPU/gloo equality with the simulation is in the default tests).
 
@@ -29,7 +30,6 @@ Timing: interleaved rounds, medians (``benchmarks/_timing.py``), synchronised on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -62,6 +62,7 @@ from verify.algorithms import ALGORITHMS, AlgoConfig, State, get  # noqa: E402
 from verify.measures import trace_h_xi_fl  # noqa: E402
 from verify.models import mlp, resnet18_micro, small_cnn  # noqa: E402
 from verify.problems import ModelProblem  # noqa: E402
+from verify.speed import Speed, SpeedError, training_grads  # noqa: E402
 from verify.stacked import local_grads  # noqa: E402
 from verify.topology import mixer, mixing_matrix  # noqa: E402
 
@@ -188,44 +189,43 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 # ------------------------------------------------------------------------------------- 3. engine throughput
-@contextlib.contextmanager
-def precision(mode: str, device: torch.device):
-    """fp32 (TF32 off), tf32 (TF32 on), bf16 (autocast); restores the global TF32 flags."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
-    try:
-        if mode == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+#: the variants of section 3: the engine's own speed options (verify.speed), as ``dsgd-verify run`` runs them
+VARIANTS = [
+    Speed(),
+    Speed("tf32"),
+    Speed("bf16"),
+    Speed(channels_last=True),
+    Speed("bf16", channels_last=True),
+    Speed(compile=True),
+]
+#: on the CPU (--cpu-smoke): TF32 is a CUDA mode, compiling would dominate the smoke test's time
+CPU_VARIANTS = [Speed(), Speed("bf16"), Speed(channels_last=True)]
 
 
-def engine_step(device: torch.device, m: int, b: int, algo: str, topology: str, variant: str, smoke: bool):
-    """A closure running one step of ``algo`` (m workers, local batch b) under ``variant``."""
+def engine_step(
+    device: torch.device, m: int, b: int, algo: str, topology: str, speed: Speed, smoke: bool
+) -> Callable[[int], None]:
+    """A closure running one step of ``algo`` (m workers, local batch b) with the training gradients of
+    ``speed`` (:func:`verify.speed.training_grads`, what the engine runs); raises :class:`SpeedError` when an
+    option does not apply (its notes too: a variant that would be a no-op is not timed)."""
     n = m * b
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    if variant == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     model = resnet18_micro(num_classes=10, width=4 if smoke else 64)
     prob = ModelProblem(model, (x, y), None, m=m, local_batch=b, seed=0, device=device, dtype=torch.float32)
     W, B = prob.init_stacked()
-    grads = local_grads(prob, "loop")
-    if variant == "compile":
-        grads = torch.compile(grads)
+    said: list[str] = []
+    grads = training_grads(prob, "loop", speed, say=said.append)
+    if said:
+        raise SpeedError(said[0])
     mix = mixer(mixing_matrix(topology, m), "auto") if algo == "dsgd" else (lambda W_: W_)
     step, cfg = get(algo), AlgoConfig()
     batches = prob.batches(0)
-    mode = {"tf32": "tf32", "bf16": "bf16"}.get(variant, "fp32")
     state = [State(W, B, None, 0)]
 
     def run(_: int) -> None:
-        with precision(mode, device):
-            state[0], _losses = step(state[0], lambda W_, B_: grads(W_, B_, batches), mix, 0.1, cfg)
+        state[0], _losses = step(state[0], lambda W_, B_: grads(W_, B_, batches), mix, 0.1, cfg)
 
     return run
 
@@ -233,9 +233,7 @@ def engine_step(device: torch.device, m: int, b: int, algo: str, topology: str, 
 def engine_throughput(device: torch.device, smoke: bool, repeats: int) -> tuple[list[tuple[str, str]], dict]:
     m = 2 if smoke else 16
     locals_ = [4] if smoke else [64, 512]
-    variants = (
-        ["fp32", "tf32", "bf16", "channels_last", "compile"] if device.type == "cuda" else ["fp32", "bf16"]
-    )
+    variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
     rows, times = [], {}
     for b in locals_:
         fns = {}
@@ -243,12 +241,15 @@ def engine_throughput(device: torch.device, smoke: bool, repeats: int) -> tuple[
             try:
                 fn = engine_step(device, m, b, "dsgd", "ring", v, smoke)
                 fn(0)
-                fns[f"D-SGD m={m} b={b} {v}"] = fn
+                fns[f"D-SGD m={m} b={b} {v.label}"] = fn
             except Exception as exc:  # noqa: BLE001 - a variant that does not apply is reported, not fatal
                 rows.append(
-                    (f"D-SGD m={m} b={b} {v}", f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:70]}")
+                    (
+                        f"D-SGD m={m} b={b} {v.label}",
+                        f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}",
+                    )
                 )
-        fns[f"C-SGD batch {m * b} fp32"] = engine_step(device, 1, m * b, "csgd", "ring", "fp32", smoke)
+        fns[f"C-SGD batch {m * b} fp32"] = engine_step(device, 1, m * b, "csgd", "ring", Speed(), smoke)
         med = medians(fns, repeats, device)
         central = med[f"C-SGD batch {m * b} fp32"]
         for k, t in med.items():

@@ -2,7 +2,10 @@
 
 The figures are the package's ``figN_topic`` modules (:data:`MODULES`, found on disk). Each defines ``NAME``
 (``figN_topic``), ``TITLE``, ``needs(preset) -> list[RunSpec]`` (the runs it reads), ``CHECKS`` (the suite
-checks it reads; may be empty) and ``draw(ctx) -> (Figure, Caption)``.
+checks it reads; may be empty) and ``draw(ctx) -> (Figure, Caption)``; optionally ``RUNS_KIND``, the kind of
+data it draws (:data:`figures.presets.RUNS_KINDS`; default ``"engine"``: engine runs and the suite report).
+A figure applies to a preset whose ``runs_kind`` is its ``RUNS_KIND`` (:func:`applies`): ``all`` means the
+figures of the preset (:func:`modules_for`), and naming another is a bad argument.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from types import ModuleType
 
 from . import style
 from .context import FigureContext
-from .presets import Preset, RunSpec
+from .presets import RUNS_KINDS, Preset, RunSpec
 from .sources import FiguresError
 
 #: Every ``figN_topic.py`` module of this package, in figure order: adding a figure is adding its module.
@@ -45,6 +48,35 @@ def module(name: str) -> ModuleType:
 
 def all_modules() -> list[ModuleType]:
     return [importlib.import_module(f"figures.{m}") for m in MODULES]
+
+
+#: The kind of data a figure module draws when it does not say (``RUNS_KIND``).
+DEFAULT_RUNS_KIND = "engine"
+
+
+def runs_kind(mod: ModuleType) -> str:
+    return getattr(mod, "RUNS_KIND", DEFAULT_RUNS_KIND)
+
+
+def applies(mod: ModuleType, preset: Preset) -> bool:
+    """Whether the figure draws the kind of data the preset has (``RUNS_KIND == preset.runs_kind``)."""
+    return runs_kind(mod) == preset.runs_kind
+
+
+def modules_for(preset: Preset) -> list[ModuleType]:
+    """The figures of a preset: what ``all`` means for it."""
+    return [m for m in all_modules() if applies(m, preset)]
+
+
+def check_applies(mods: list[ModuleType], preset: Preset) -> None:
+    """A one-line :class:`FiguresError` naming the first figure that does not apply to ``preset``."""
+    for m in mods:
+        if not applies(m, preset):
+            mine = ", ".join(x.NAME for x in modules_for(preset)) or "none"
+            raise FiguresError(
+                f"{m.NAME} draws {RUNS_KINDS[runs_kind(m)]}; preset {preset.name} has "
+                f"{RUNS_KINDS[preset.runs_kind]}: its figures are {mine}"
+            )
 
 
 def runs_needed(mods: list[ModuleType], preset: Preset) -> list[RunSpec]:

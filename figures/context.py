@@ -11,21 +11,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from verify.config import RunConfig
+from verify.speed import RESUMABLE
+
 from .presets import Preset, RunSpec
 from .sources import FiguresError, Report, RunData, load_report, load_run
 
-#: Settings that may differ between a saved run and the preset without making it another run.
-IGNORED_SETTINGS = ("device", "execution", "mix_method", "ckpt_every")
+#: Settings that may differ between a saved run and the preset without making it another run (rounding or
+#: bookkeeping only; verify.speed.RESUMABLE: the speed options that do not change the arithmetic's precision).
+IGNORED_SETTINGS = ("device", "execution", "mix_method", "ckpt_every", *RESUMABLE)
+#: What a run's config.json that predates a setting meant by it.
+DEFAULTS = RunConfig().to_dict()
 
 
 def config_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-    """The first setting where a saved run's config differs from the wanted one, as text, or None."""
+    """The first setting where a saved run's config differs from the wanted one, as text, or None; a setting
+    the saved config predates is RunConfig's default."""
     for k, v in wanted.items():
         if k in IGNORED_SETTINGS:
             continue
-        if k not in saved:
+        if k not in saved and k not in DEFAULTS:
             return f"{k} is not recorded"
-        s = saved[k]
+        s = saved.get(k, DEFAULTS.get(k))
         if isinstance(v, (int, float)) and isinstance(s, (int, float)) and not isinstance(v, bool):
             if float(s) != float(v):
                 return f"{k} = {s!r}, the preset wants {v!r}"
@@ -69,8 +76,8 @@ class FigureContext:
             why = run_status(spec, self.runs_dir)
             if why:
                 raise FiguresError(
-                    f"{why}; produce it with: dsgd-figures all --preset {self.preset.name} "
-                    f"--runs {self.runs_dir} --rerun"
+                    f"{why}; produce it with: dsgd-figures all --preset {self.preset.name}"
+                    f"{self.preset.flags} --runs {self.runs_dir} --rerun"
                 )
             self._runs[spec.label] = load_run(self.runs_dir / spec.label)
         return self._runs[spec.label]

@@ -1,37 +1,63 @@
-"""The three presets: which runs and which suite checks the figures read, and how big they are.
+"""The three presets: what the figures read (runs, suite checks, or T11's saved lockstep runs), and how big.
 
-Every preset trains the same design, the paper's Figure 1 (paper.md s.4.1): C-SGD and ring D-SGD at a small
-and a large total batch with the linear scaling rule (the local batch and the learning rate both grow 8x, like
-the paper's 64 -> 512 and 0.1 -> 0.8), plus grid and exponential D-SGD at the large batch; m = 16 workers,
-plain SGD without momentum or weight decay, warm-up ``max(0.1, t/warmup)`` and decays x0.1 at 2/5 and 4/5 of
-training. Seed 0 of each run also logs Tr(H Xi) and, where the preset says so, Tr H and lambda_max along
-training.
+A preset's ``runs_kind`` says what its data are, and so which figures it draws
+(:func:`figures.catalog.applies`):
 
-- ``quick``: the embedded digits (8x8, 1437 training images), a tanh MLP (64-32-10), local batch 8 and 64, lr
-  0.1 and 0.8, 1000 steps, 3 seeds; the quick suite. Everything, runs and suite included, in well under 15
-  minutes on 2 CPU cores.
-- ``fmnist``: Fashion-MNIST from a local folder of idx files (``--data DIR``, default the Debian package
-  ``dataset-fashion-mnist``'s ``/usr/share/datasets/fashion-mnist``) with T11's fmnist protocol
-  (``verify.claims.largebatch``): 784-256-256-10 GELU MLP, local batch 64 and 512, lr 0.05 and 0.4 (the
-  paper's pair halved: at 0.8 ring D-SGD diverges), 300 steps, warm-up 15, 3 seeds. Its runs are engine runs
-  of that protocol, not the lockstep runs T11 saves (``results/t11-fmnist``, drawn by ``figures.t11_scale``).
-- ``paper``: CIFAR-10 from a local folder of the python pickles (``--data DIR``), ResNet-18 micro, local batch
-  64 and 512, lr 0.1 and 0.8, 6000 iterations, warm-up 60, decays at 2400 and 4800: the paper's settings
-  except that it trains from scratch at 32x32 (the paper: ImageNet-pretrained, images resized to 56x56) and
-  uses 1 seed like the paper. Meant for a GPU (``expected_time``); the full suite.
+- ``engine``: the design of the paper's Figure 1 (paper.md s.4.1) trained with :func:`verify.engine.run`,
+  one run directory per :class:`RunSpec` under ``--runs`` (default ``runs/figures-<preset>``), plus the
+  suite report: C-SGD and ring D-SGD at a small and a large total batch with the linear scaling rule (the
+  local batch and the learning rate both grow 8x, like the paper's 64 -> 512 and 0.1 -> 0.8), plus grid
+  and exponential D-SGD at the large batch; m = 16 workers, plain SGD without momentum or weight decay,
+  warm-up ``max(0.1, t/warmup)`` and decays x0.1 at 2/5 and 4/5 of training. Seed 0 of each run also logs
+  Tr(H Xi) and, where the preset says so, Tr H and lambda_max along training. Figures fig1-fig8.
+- ``t11``: the saved runs of T11's large-batch experiment (:mod:`verify.claims.largebatch`, one lockstep
+  run of ring D-SGD, C-SGD, C-SGD + avg-SAM(Xi) and C-SGD + isotropic noise per seed and batch, from one
+  initialisation on one batch stream), in the folder ``python -m verify.claims.largebatch --scale S --out
+  DIR`` writes. No engine runs, no suite. Figure fig9.
+
+The presets:
+
+- ``quick`` (engine): the embedded digits (8x8, 1437 training images), a tanh MLP (64-32-10), local batch
+  8 and 64, lr 0.1 and 0.8, 1000 steps, 3 seeds; the quick suite. Everything, runs and suite included, in
+  well under 15 minutes on 2 CPU cores.
+- ``fmnist`` (t11): T11's own fmnist runs, ``results/t11-fmnist`` by default, with the protocol of
+  ``verify.claims.largebatch.PROTOCOLS["fmnist"]`` (Fashion-MNIST, a GELU MLP, the linear scaling rule's
+  pair of batches; its ``why`` says why; ``--list`` prints the numbers): the figures and T11 describe one
+  set of runs, and a folder whose ``report.json`` records another protocol is refused. ``--rerun`` runs the
+  missing seeds and batches with :func:`verify.claims.largebatch.run_protocol` (resume), the code path of
+  ``python -m verify.claims.largebatch --scale fmnist``; ``--data DIR`` (or ``DSGD_FMNIST``) names the idx
+  folder, default Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
+- ``paper`` (engine): CIFAR-10 from a local folder of the python pickles (``--data DIR``), ResNet-18
+  micro, local batch 64 and 512, lr 0.1 and 0.8, 6000 iterations, warm-up 60, decays at 2400 and 4800: the
+  paper's settings except that it trains from scratch at 32x32 (the paper: ImageNet-pretrained, images
+  resized to 56x56) and uses 1 seed like the paper. Meant for a GPU (``expected_time``); the full suite.
+
+Every preset trains in fp32 by default; :func:`get_preset` takes the speed options of :mod:`verify.speed`
+(``precision``, ``channels_last``, ``compile``) and puts them in every run's settings (engine presets only:
+T11's runs are what they are). ``precision`` makes other runs (a bf16 run is not accepted for an fp32
+figure, nor the reverse); ``channels_last`` and ``compile`` change rounding only and do not
+(``figures.context.IGNORED_SETTINGS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from verify.speed import Speed, precision_error
 
 from .sources import FiguresError
 
 #: The checks of the suite the figures read (figure -> check ids).
 ALL_CHECKS = ("T1", "T1b", "T1c", "T5", "T6", "T7", "T8", "T10")
 KEYS = ("csgd", "ring", "grid", "exponential")
+#: What a preset's data are (``Preset.runs_kind``) -> how a message names them.
+RUNS_KINDS = {
+    "engine": "engine runs and the suite report",
+    "t11": "T11's saved lockstep runs (python -m verify.claims.largebatch)",
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,10 @@ class RunSpec:
 
 @dataclass
 class Preset:
-    """A preset: its runs, the suite mode and checks, the landscape/sharpness sizes and the expected time."""
+    """A preset: its engine runs, the suite mode and checks, the landscape/sharpness sizes and the expected
+    time; ``runs_kind`` (:data:`RUNS_KINDS`): what its data are; ``runs_dir``: the default ``--runs``
+    (``runs/figures-<name>`` when empty); ``protocol``: for ``runs_kind == "t11"``, the
+    :class:`verify.claims.largebatch.Protocol` of its runs."""
 
     name: str
     description: str
@@ -63,6 +92,18 @@ class Preset:
     landscape: dict[str, Any] = field(default_factory=dict)
     expected_time: str = ""
     device: str = "auto"
+    #: the ``dsgd-figures`` options that give its speed settings (empty for the default fp32)
+    flags: str = ""
+    runs_kind: str = "engine"
+    runs_dir: str = ""
+    protocol: Any = None
+
+    def __post_init__(self) -> None:
+        if self.runs_kind not in RUNS_KINDS:
+            raise FiguresError(f"unknown runs_kind {self.runs_kind!r}; choose from {', '.join(RUNS_KINDS)}")
+        if self.runs_kind == "t11" and (self.runs or self.protocol is None):
+            raise FiguresError(f"preset {self.name}: T11 runs come with a protocol and no engine RunSpecs")
+        self.runs_dir = self.runs_dir or f"runs/figures-{self.name}"
 
     def find(self, key: str, batch: str, seed: int | None = None) -> list[RunSpec]:
         """The runs with this role (all seeds when ``seed`` is None)."""
@@ -146,48 +187,35 @@ def _quick(seeds: int | None) -> Preset:
 
 
 def _fmnist(data: str | None, seeds: int | None) -> Preset:
-    """T11's fmnist protocol (:data:`verify.claims.largebatch.PROTOCOLS`): the same data, model, batches,
-    learning rates, schedule and seeds, so the figures and the check describe one design."""
-    from verify.claims.largebatch import PROTOCOLS
+    """T11's fmnist runs (:data:`verify.claims.largebatch.PROTOCOLS`), read from ``results/t11-fmnist``: no
+    engine runs of its own, so the figures and the check describe one set of runs."""
+    from verify.claims.largebatch import protocol_for
 
-    p = PROTOCOLS["fmnist"]
-    folder = data or os.environ.get("DSGD_FMNIST") or "/usr/share/datasets/fashion-mnist"
-    base = dict(
-        workers=p.workers,
-        steps=p.steps,
-        warmup=p.warmup,
-        milestones=p.milestones,
-        data=f"fashion-mnist:{folder}",
-        model=p.model,
-        model_kwargs=dict(p.model_kwargs),
-        dtype=p.dtype,
-        log_every=p.log_every,
-        eval_samples=p.eval_samples,
-        hess_samples=p.flat_samples,
-        momentum=0.0,
-        weight_decay=0.0,
+    folder = data or os.environ.get("DSGD_FMNIST")
+    p = protocol_for(
+        "fmnist", f"fashion-mnist:{folder}" if folder else None, **({"seeds": seeds} if seeds else {})
     )
-    extra = {"hess_every": p.flat_every, "sharpness_every": p.steps // 2}
     (b_s, lr_s), (b_l, lr_l) = p.small, p.large
+    n_flat = len(p.flat_steps())
     return Preset(
         "fmnist",
-        f"Fashion-MNIST, {p.model} {p.model_kwargs}, m = {p.workers}, local batch {b_s} / {b_l}, lr {lr_s} / "
-        f"{lr_l}, {p.steps} steps (T11's fmnist protocol)",
-        design(base, p.small, p.large, seeds or p.seeds, extra),
+        f"T11's fmnist lockstep runs ({p.data}, {p.model} {p.model_kwargs}, m = {p.workers}; ring D-SGD, "
+        "C-SGD, C-SGD + avg-SAM(Xi), C-SGD + isotropic noise from one initialisation on one batch stream; "
+        f"local batch {b_s} / {b_l}, lr {lr_s} / {lr_l}, {p.steps} steps, {p.seeds} seeds)",
+        [],
         suite_mode="quick",
-        landscape={
-            "grid": 21,
-            "line": 41,
-            "span": 1.0,
-            "samples": p.flat_samples,
-            "trace_probes": 30,
-            "lanczos_tol": 1e-3,
-        },
+        suite_checks=(),
         expected_time=(
-            "not measured end to end: T11's lockstep runs of the same protocol (4 arms at both batches, 3 "
-            "seeds, results/t11-fmnist) took 30 min wall on 2 shared CPU cores; these 18 engine runs cost "
-            "about as much, plus the quick suite and the landscapes"
+            f"{2 * p.seeds} lockstep runs (2 batches x {p.seeds} seeds) of {p.steps} steps of 4 arms, plus "
+            f"lambda_max and Tr H of each arm at {n_flat} steps per run; not measured end to end by this "
+            "command: "
+            "`python -m verify.claims.largebatch --scale fmnist --estimate-only` times a step and a flatness "
+            "point on this machine and prints the total"
         ),
+        device=p.device,
+        runs_kind="t11",
+        runs_dir="results/t11-fmnist",
+        protocol=p,
     )
 
 
@@ -236,15 +264,41 @@ def _paper(data: str | None, seeds: int | None) -> Preset:
 PRESETS = ("quick", "fmnist", "paper")
 
 
-def get_preset(name: str, *, data: str | None = None, seeds: int | None = None) -> Preset:
+def get_preset(
+    name: str, *, data: str | None = None, seeds: int | None = None, speed: Speed | None = None
+) -> Preset:
     """The preset ``name`` (quick, fmnist, paper); ``data``: the data folder for fmnist/paper; ``seeds``: how
-    many seeds per run (default: the preset's)."""
+    many seeds per run (default: the preset's); ``speed``: the speed options of every run (default fp32,
+    nothing else; :mod:`verify.speed`)."""
     if seeds is not None and int(seeds) < 1:
         raise FiguresError(f"seeds must be >= 1; got {seeds}")
     if name == "quick":
-        return _quick(seeds)
-    if name == "fmnist":
-        return _fmnist(data, seeds)
-    if name == "paper":
-        return _paper(data, seeds)
-    raise FiguresError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        preset = _quick(seeds)
+    elif name == "fmnist":
+        preset = _fmnist(data, seeds)
+    elif name == "paper":
+        preset = _paper(data, seeds)
+    else:
+        raise FiguresError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return with_speed(preset, speed or Speed())
+
+
+def with_speed(preset: Preset, speed: Speed) -> Preset:
+    """``preset`` with the speed options in every run's settings, and named in its description when they are
+    not the default; one-line :class:`FiguresError` when the precision does not fit the preset's dtype."""
+    if preset.runs_kind == "t11" and speed != Speed():
+        raise FiguresError(
+            f"preset {preset.name} draws T11's saved runs; the speed options apply to quick and paper"
+        )
+    for r in preset.runs:
+        why = precision_error(speed.precision, r.config.get("dtype", "float32"))
+        if why:
+            raise FiguresError(f"preset {preset.name}: {why}")
+    runs = [
+        RunSpec(r.label, r.key, r.batch, r.seed, dict(r.config, **dataclasses.asdict(speed)))
+        for r in preset.runs
+    ]
+    extra = "" if speed == Speed() else f"; training gradients {speed.label}"
+    flags = f" --precision {speed.precision}" * (speed.precision != "fp32")
+    flags += " --channels-last" * speed.channels_last + " --compile" * speed.compile
+    return dataclasses.replace(preset, runs=runs, description=preset.description + extra, flags=flags)

@@ -2,7 +2,10 @@
 
 Runs go through :func:`verify.engine.run` (a run directory per :class:`~figures.presets.RunSpec`; an
 unfinished one with a checkpoint is resumed, one made with other settings is overwritten); suite checks
-through :func:`verify.claims.runner.run_checks` and :func:`verify.claims.report.write_report`. This is the
+through :func:`verify.claims.runner.run_checks` and :func:`verify.claims.report.write_report`. A preset of
+T11's runs (``runs_kind == "t11"``) gets its missing seeds and batches from
+:func:`verify.claims.largebatch.run_protocol` with ``resume``, the code path of ``python -m
+verify.claims.largebatch --scale S --out DIR``, into the same folder. This is the
 only place where ``figures`` causes training; without ``--rerun`` the figures only read files.
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sharpness.functional import resolve_device
+from verify.claims import largebatch
 from verify.claims.registry import get
 from verify.claims.report import write_report
 from verify.claims.runner import run_checks
@@ -25,6 +29,7 @@ from verify.engine import run
 from .context import config_mismatch, run_status
 from .presets import Preset, RunSpec
 from .sources import FiguresError, load_report, load_run
+from .t11_scale import protocol_mismatch, saved_protocol
 
 
 def missing_runs(specs: Iterable[RunSpec], runs_dir: Path) -> list[RunSpec]:
@@ -96,3 +101,44 @@ def produce_report(preset: Preset, check_ids: Iterable[str], report_dir: Path, d
     }
     write_report(results, report_dir, settings)
     return report_dir
+
+
+def missing_t11_runs(protocol: largebatch.Protocol, runs_dir: Path) -> list[tuple[int, str]]:
+    """``(seed, batch)`` of the protocol with no saved run in ``runs_dir/runs`` (what
+    :func:`verify.claims.largebatch.run_protocol` with ``resume`` would run)."""
+    done = {(r["seed"], r["batch"]) for r in largebatch.load_runs(runs_dir)}
+    return [(s, b) for s in range(protocol.seeds) for b in largebatch.BATCHES if (s, b) not in done]
+
+
+def produce_t11_runs(
+    protocol: largebatch.Protocol, runs_dir: Path, progress: bool = True
+) -> list[tuple[int, str]]:
+    """Run the protocol's missing seeds and batches into ``runs_dir`` with
+    :func:`verify.claims.largebatch.run_protocol` (``resume=True``: saved runs are kept; each new run is
+    saved and the report rewritten as it finishes). A folder whose ``report.json`` records another protocol,
+    or that holds runs without a report, is refused (a :class:`FiguresError`): resuming would mix two
+    protocols. Returns what was run. Cost: the runs (timed by ``python -m verify.claims.largebatch
+    --estimate-only``)."""
+    runs_dir = Path(runs_dir)
+    saved = saved_protocol(runs_dir)
+    if saved is not None:
+        diff = protocol_mismatch(saved, protocol)
+        if diff:
+            raise FiguresError(
+                f"{runs_dir} holds T11 runs made with another protocol ({diff}); --rerun would mix them: "
+                "choose another --runs"
+            )
+    elif largebatch.load_runs(runs_dir):
+        raise FiguresError(
+            f"{runs_dir / 'runs'} holds T11 runs but no report.json: their protocol is unknown"
+        )
+    todo = missing_t11_runs(protocol, runs_dir)
+    if todo:
+        print(
+            f"running T11 ({protocol.scale}) for {', '.join(f'seed {s} {b}' for s, b in todo)} -> {runs_dir}",
+            file=sys.stderr,
+        )
+        largebatch.run_protocol(
+            protocol, runs_dir, progress=progress, resume=True, log=lambda m: print(m, file=sys.stderr)
+        )
+    return todo

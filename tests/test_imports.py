@@ -124,6 +124,7 @@ DEFERRED = {
     ("figures.cli", "figures.produce"): "verify's engine and every claim module, only with --rerun",
     ("figures.cli", "verify.claims.registry"): "every claim module, only with --rerun",
     ("figures.presets", "verify.claims.largebatch"): "the claims package, only for the fmnist preset",
+    ("figures.t11_scale", "verify.claims.largebatch"): "the claims package, only for saved T11 runs' wall_s",
     ("sharpness.formats", "transformers"): "optional, only for a HuggingFace save_pretrained folder",
     ("sharpness.ggn", "torch.fx.experimental.proxy_tensor"): "make_fx, only for the exact-trace check",
     ("sharpness.sequence", "torch.nn.attention"): "absent before torch 2.3 (no kernel choice to make there)",

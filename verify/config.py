@@ -32,6 +32,7 @@ from .algorithms import ALGORITHMS
 from .losses import AbsLoss, CosLoss, PowerLoss, QuadraticLoss
 from .models import BUILDERS
 from .problems import STREAM_INIT, ClosedFormProblem, ModelProblem, Problem, generator
+from .speed import precision_error
 from .stacked import EXECUTIONS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -102,6 +103,9 @@ class RunConfig:
     rho: float = 0.05
     sigma: float = 0.0
     local_steps: int = 1
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +155,9 @@ class RunConfig:
             raise ConfigError(f"momentum must be < 1; got {self.momentum}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be float32 or float64; got {self.dtype!r}")
+        why = precision_error(self.precision, self.dtype)
+        if why:
+            raise ConfigError(why)
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; got {self.execution!r}")
         if self.init not in ("same", "independent"):

@@ -40,14 +40,14 @@ from .algorithms import AlgoConfig, State, lr_at, record
 from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problem import Problem
 from .rundir import Checkpoints, MetricsWriter, read_metrics, save_average, save_ckpt, write_config
-from .stacked import local_grads
+from .speed import RESUMABLE, training_grads
 from .transport import Stacked, Transport, average_buffers
 
 Callback = Callable[[int, State, Problem], "dict[str, Any] | None"]
 BASE_COLUMNS = ["step", "lr", "batch_loss", "consensus_distance", "consensus_distance_sqrt",
                 "train_loss", "train_acc", "test_loss", "test_acc"]  # fmt: skip
 #: Settings a resumed run may change (everything else must match the saved config).
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "ckpt_seconds", "device")
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "ckpt_seconds", "device", *RESUMABLE)
 
 
 @dataclass
@@ -180,7 +180,7 @@ def run_loop(
             W = W.mean(0, keepdim=True).expand_as(W).clone()
         state = transport.take(State(W, B, None, 0))
         execution = transport.execution(state, transport.begin(0)[0])
-    grads_base = local_grads(problem, execution)
+    grads_base = training_grads(problem, execution, config)  # the speed options (verify.speed)
     writes = transport.writes
     if writes and outp is not None and not resume:
         info = {"execution": execution, "m": problem.m, "d": problem.num_params,

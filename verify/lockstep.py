@@ -15,8 +15,9 @@ initialisation and on one batch stream (worker j's batch at step t is the same f
   *is* D-SGD's averaged dynamics (``verify.claims.t00_averaging``): it equals ``w_a`` up to rounding and is
   an identity, not evidence.
 
-Every arm uses the driver's learning-rate schedule, momentum and weight decay. Rows are logged at step 0,
-every ``log_every`` steps and at the end: ``step``, ``lr``, ``trace_xi`` (of the driver), and per arm
+The driver is one :func:`verify.engine.run` (the one run loop); the arms step in its hooks with the driver's
+learning-rate schedule, momentum and weight decay. Rows are logged at step 0, every ``log_every`` steps and at
+the end: ``step``, ``lr``, ``trace_xi`` (of the driver), and per arm
 ``<arm>_{train,test}_{loss,acc}`` (eval mode, :meth:`Problem.evaluate`) and ``<arm>_dist = ||w_arm - w_a||``
 (0 for ``dsgd``); ``measure(step, arm, w, buffers)`` may add ``<arm>_<key>`` columns (e.g. ``lambda_max``).
 Cost per step: m gradients per arm (the driver included) and one gossip product; memory: one (m, d) state
@@ -32,17 +33,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sharpness.functional import resolve_device
 
 from . import measures
 from .algorithms import ALGORITHMS, AlgoConfig, State, get, lr_at
 from .config import DTYPES, ConfigError, RunConfig, build_problem
+from .engine import run
 from .problem import Problem, generator
-from .stacked import choose_execution, local_grads
-from .topology import schedule
-from .transport import average_buffers
+from .speed import training_grads
+from .stacked import choose_execution
+from .transport import average_buffers, exact_average
 
 ARMS = ("dsgd", "csgd", "avgsam-xi", "avgsam-iso", "avgsam-exact")
 #: a stream id for the lockstep perturbations, distinct from the engine's streams (verify.algorithms)
@@ -95,12 +96,13 @@ def run_lockstep(
     problem: Problem | None = None,
     measure: Measure | None = None,
     progress: bool = False,
-    desc: str = "lockstep",
 ) -> LockstepResult:
     """Run the driver ``config`` (a gossip algorithm) and the centralised ``arms`` in lockstep (module doc).
 
-    An arm that becomes non-finite stops (its columns are NaN from then on, ``diverged[arm] = step``); the
-    driver diverging stops everything.
+    The driver is an ordinary :func:`verify.engine.run` (its loop, schedule and divergence rule); the other
+    arms step in its ``on_step`` hook with the driver's ``D(t)`` from before the update and are measured in
+    its ``callback``. An arm that becomes non-finite stops (its columns are absent from then on,
+    ``diverged[arm] = step``); the driver diverging stops everything.
     """
     config = replace(config).validate()
     gossip = [name for name, a in ALGORITHMS.items() if a.kind == "gossip"]
@@ -112,69 +114,62 @@ def run_lockstep(
     if problem is None:
         problem = build_problem(config, resolve_device(config.device), DTYPES[config.dtype])
     W0, B0 = problem.init_stacked()
-    states = {"dsgd": State(W0, B0, None, 0)}
-    for arm in arms:
-        if arm != "dsgd":
-            states[arm] = State(W0.mean(0, keepdim=True).expand_as(W0).clone(), B0, None, 0)
+    states = {
+        a: State(W0.mean(0, keepdim=True).expand_as(W0).clone(), B0, None, 0) for a in arms if a != "dsgd"
+    }
     execution = config.execution
     if execution == "auto":
         execution = choose_execution(problem, W0, B0, problem.batches(0))
-    grads_fn = local_grads(problem, execution)
+    grads_fn = training_grads(problem, execution, config)  # the run's speed options, as the driver's
     acfg = AlgoConfig.of(config, sigma=0.0, local_steps=1)
-    sched = schedule(config.topology, problem.m, config.shuffle, config.seed)
-    step_of = {arm: get(config.algo if arm == "dsgd" else "avgsam") for arm in arms}
+    avgsam = get("avgsam")
     diverged: dict[str, int] = {}
-    rows = [_row(0, config, states, problem, measure, diverged)]
-    for t in tqdm(range(config.steps), disable=not progress, desc=desc, mininterval=1.0):
-        lr = lr_at(t, config.lr, config.warmup, config.milestones)
-        batches = problem.batches(t)
-        D = measures.deviations(states["dsgd"].W)
-        mix = sched.mixer(t, config.mix_method)
-        for arm in arms:
+    before = {"D": measures.deviations(W0)}  # the driver's deviations at the start of the current step
+
+    def step_arms(s: int, driver: State) -> None:
+        t, D = s - 1, before["D"]
+        lr, batches = lr_at(t, config.lr, config.warmup, config.milestones), problem.batches(t)
+        for arm in [a for a in states if a not in diverged]:
+            cfg = replace(acfg, perturbation=_fixed(PERTURB[arm], D, config.seed, t))
+            new, losses = avgsam(states[arm], lambda W, B: grads_fn(W, B, batches), exact_average, lr, cfg)
+            if bool(torch.isfinite(losses).all() & torch.isfinite(new.W).all()):
+                states[arm] = new
+            else:
+                diverged[arm] = t
+        before["D"] = measures.deviations(driver.W)
+
+    def row(s: int, driver: State, _problem: Problem) -> dict[str, float]:
+        out: dict[str, float] = {"trace_xi": measures.consensus_distance(driver.W)}
+        w_a = driver.W.mean(0)
+        for arm, state in {"dsgd": driver, **states}.items():
             if arm in diverged:
                 continue
-            perturb = PERTURB.get(arm)
-            cfg = acfg if arm == "dsgd" else replace(acfg, perturbation=_fixed(perturb, D, config.seed, t))
-            new, losses = step_of[arm](states[arm], lambda W, B: grads_fn(W, B, batches), mix, lr, cfg)
-            if not bool(torch.isfinite(losses).all() & torch.isfinite(new.W).all()):
-                diverged[arm] = t
-                continue
-            states[arm] = new
-        if "dsgd" in diverged:
-            break
-        s = t + 1
-        if s % max(1, config.log_every) == 0 or s == config.steps:
-            rows.append(_row(s, config, states, problem, measure, diverged))
-    return LockstepResult(rows, states, problem, diverged)
+            w = state.W.mean(0)
+            bufs = average_buffers(state.buffers, config.mix_buffers)  # as the engine logs w_a
+            if arm != "dsgd":
+                evals = problem.evaluate(w, bufs or None, samples=config.eval_samples)
+                out.update({f"{arm}_{k}": v for k, v in evals.items()})
+            out[f"{arm}_dist"] = float((w - w_a).norm())
+            for k, v in ((measure(s, arm, w, bufs or None) if measure else None) or {}).items():
+                out[f"{arm}_{k}"] = float(v)
+        return out
+
+    driven = replace(config, execution=execution, sharpness_every=0, hess_every=0, drift_every=0)
+    res = run(driven, problem=problem, progress=progress, callback=row, on_step=step_arms)
+    if res.diverged_at is not None:
+        diverged["dsgd"] = res.diverged_at
+    rows = [_with_driver_evals(r) for r in res.metrics]
+    return LockstepResult(rows, {"dsgd": res.state, **states}, problem, diverged)
+
+
+def _with_driver_evals(row: dict[str, Any]) -> dict[str, float]:
+    """A driver row of the engine as a lockstep row: its evaluation of ``w_a`` as the ``dsgd_`` columns."""
+    out = {"step": row["step"], "lr": row["lr"]}
+    out.update({f"dsgd_{k}": v for k, v in row.items() if k.split("_")[0] in ("train", "test")})
+    out.update({k: v for k, v in row.items() if k == "trace_xi" or "_" in k and k.split("_")[0] in ARMS})
+    return out
 
 
 def _fixed(perturb: Callable | None, D: Tensor, seed: int, t: int) -> Callable[[int], Tensor]:
     eps = torch.zeros_like(D) if perturb is None else perturb(D, seed, t)
     return lambda _step: eps
-
-
-def _row(
-    s: int,
-    config: RunConfig,
-    states: dict[str, State],
-    problem: Problem,
-    measure: Measure | None,
-    diverged: dict[str, int],
-) -> dict[str, float]:
-    w_a = states["dsgd"].W.mean(0)
-    row: dict[str, float] = {
-        "step": s,
-        "lr": lr_at(s, config.lr, config.warmup, config.milestones),
-        "trace_xi": measures.consensus_distance(states["dsgd"].W),
-    }
-    for arm, state in states.items():
-        if arm in diverged:
-            continue
-        w = state.W.mean(0)
-        bufs = average_buffers(state.buffers, config.mix_buffers)  # as the engine logs w_a
-        for k, v in problem.evaluate(w, bufs or None, samples=config.eval_samples).items():
-            row[f"{arm}_{k}"] = v
-        row[f"{arm}_dist"] = float((w - w_a).norm())
-        for k, v in ((measure(s, arm, w, bufs or None) if measure else None) or {}).items():
-            row[f"{arm}_{k}"] = float(v)
-    return row

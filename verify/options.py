@@ -15,6 +15,7 @@ from .algorithms import ALGORITHMS
 from .config import CODE_OPTIONS, ConfigError, RunConfig, check_trusted
 from .models import BUILDERS
 from .rundir import read_config, read_json
+from .speed import PRECISIONS
 from .stacked import EXECUTIONS
 from .topology import BUILTINS, SCHEDULES, SHUFFLES
 
@@ -93,6 +94,8 @@ RUN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--rho", "rho", float, "SAM radius rho"),
     ("--sigma", "sigma", float, "avgsam perturbation scale sigma"),
     ("--local-steps", "local_steps", int, "local-sgd: H local steps between exact averagings"),
+    ("--precision", "precision", str, f"{', '.join(PRECISIONS)}: the arithmetic of the training gradients"
+     " only (tf32: CUDA; bf16: autocast, float32 runs); measurements stay in --dtype (verify.speed)"),
 ]  # fmt: skip
 
 
@@ -115,6 +118,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="gossip BatchNorm running statistics too (default: local, w_a takes worker 0's)",
+    )
+    p.add_argument(
+        "--channels-last",
+        dest="channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="4-d inputs and conv weights in the channels-last memory format for the training gradients "
+        "(a stated no-op without them; default off)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the training gradients; no compiler here: one line, exit 2 (default off)",
     )
     p.add_argument("--out", required=False, help="run directory (config.json, metrics.csv, ckpt.pt, avg.pt)")
     p.add_argument(

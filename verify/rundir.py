@@ -28,6 +28,7 @@ from sharpness.checkpoint import save_checkpoint
 from sharpness.results import atomic_torch_save, atomic_write_text, write_json
 
 from .algorithms import State
+from .config import RunConfig
 
 CKPT_FORMAT = "dsgd-verify-ckpt/1"
 FILES = ("config.json", "metrics.csv", "ckpt.pt", "avg.pt", "result.json")
@@ -41,10 +42,10 @@ def check_out(
     out: Path, resume: bool, overwrite: bool, config: dict[str, Any], may_change: tuple
 ) -> list[str]:
     """Check a run directory before a run, changing nothing: a resumed run must keep every setting but
-    ``may_change``; a new run refuses a folder that already holds run files unless ``overwrite``. Returns the
-    run files a new run would remove."""
+    ``may_change`` (a setting its config.json predates counts as RunConfig's default); a new run refuses a
+    folder that already holds run files unless ``overwrite``. Returns the run files a new run would remove."""
     if resume:
-        saved = read_config(out)["config"]
+        saved = {**RunConfig().to_dict(), **read_config(out)["config"]}
         for k, v in config.items():
             if k not in may_change and saved.get(k) != v:
                 raise RunDirError(f"cannot resume {out}: setting {k!r} was {saved.get(k)!r}, now {v!r}")

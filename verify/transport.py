@@ -29,7 +29,8 @@ from .topology import TopologySchedule, schedule
 
 
 class Transport(Protocol):
-    """The interface (module docstring); :class:`Stacked` and ``verify.distributed.transport.Ranks``."""
+    """The interface (module docstring); :class:`Stacked` and ``verify.distributed.transport.Ranks``. The
+    methods with a body answer for one process holding every row: nothing to agree on or gather."""
 
     writes: bool
     every_step: bool
@@ -39,18 +40,30 @@ class Transport(Protocol):
 
     def setup(self, problem: Problem, config: RunConfig, algorithm: Algorithm) -> None: ...
     def prepare(self, out: Path | None, resume: bool, overwrite: bool, may_change: tuple) -> None: ...
-    def take(self, state: State) -> State: ...
     def resume(self, out: Path) -> tuple[State, str]: ...
     def execution(self, state: State, batches: Batch) -> str: ...
     def begin(self, t: int) -> tuple[Batch, Mix]: ...
     def grads(self, base: GradsFn, batches: Batch, reduce: tuple[int, ...]) -> Grads: ...
     def mix_buffers(self, buffers: Params, gossip: bool) -> Params: ...
-    def agree(self, first_bad: int | None, clock: bool) -> tuple[int | None, bool]: ...
     def row(self, s: int, state: State, losses: torch.Tensor | None) -> dict[str, Any] | None: ...
-    def after_log(self, s: int) -> None: ...
-    def gather(self, state: State) -> State | None: ...
-    def info(self) -> dict[str, Any]: ...
-    def summary(self, step_s: float, comm_s: float, steps: int) -> dict[str, Any]: ...
+
+    def take(self, state: State) -> State:
+        return state
+
+    def agree(self, first_bad: int | None, clock: bool) -> tuple[int | None, bool]:
+        return first_bad, clock
+
+    def after_log(self, s: int) -> None:
+        pass
+
+    def gather(self, state: State) -> State | None:
+        return state
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self, step_s: float, comm_s: float, steps: int) -> dict[str, Any]:
+        return {}
 
 
 def average_buffers(buffers: Params, mix_buffers: bool = False) -> Params:
@@ -73,7 +86,7 @@ def exact_average(X: torch.Tensor) -> torch.Tensor:
     return X.mean(0, keepdim=True).expand_as(X).clone()
 
 
-class Stacked:
+class Stacked(Transport):
     """The simulation: the m workers as one stacked (m, d) computation in this process
     (:mod:`verify.stacked`, :mod:`verify.mixers`); nothing to agree on, nothing to gather."""
 
@@ -87,9 +100,6 @@ class Stacked:
     def prepare(self, out: Path | None, resume: bool, overwrite: bool, may_change: tuple) -> None:
         if out is not None:
             prepare_out(out, resume, overwrite, self.cfg.to_dict(), may_change)
-
-    def take(self, state: State) -> State:
-        return state
 
     def resume(self, out: Path) -> tuple[State, str]:
         p = self.problem
@@ -111,9 +121,6 @@ class Stacked:
     def mix_buffers(self, buffers: Params, gossip: bool) -> Params:
         f = self.mix if gossip else exact_average
         return {k: (f(v) if v.is_floating_point() else v) for k, v in buffers.items()}
-
-    def agree(self, first_bad: int | None, clock: bool) -> tuple[int | None, bool]:
-        return first_bad, clock
 
     def row(self, s: int, state: State, losses: torch.Tensor | None) -> dict[str, Any]:
         """The metrics row at step s from the stacked W. Cost: the measurements due at s."""
@@ -138,15 +145,3 @@ class Stacked:
         if measures.due(s, cfg.sharpness_every, cfg.steps):
             row.update(measures.sharpness_at(problem, w_a, bufs, samples=cfg.hess_samples, seed=cfg.seed))
         return row
-
-    def after_log(self, s: int) -> None:
-        pass
-
-    def gather(self, state: State) -> State:
-        return state
-
-    def info(self) -> dict[str, Any]:
-        return {}
-
-    def summary(self, step_s: float, comm_s: float, steps: int) -> dict[str, Any]:
-        return {}

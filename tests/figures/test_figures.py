@@ -19,13 +19,14 @@ import pytest
 from figures import catalog
 from figures.captions import fmt
 from figures.cli import main
-from figures.context import FigureContext, run_status
+from figures.context import FigureContext, config_mismatch, run_status
 from figures.presets import Preset, design, get_preset
 from figures.produce import missing_runs, produce_runs
 from figures.slopes import two
 from figures.sources import FiguresError, load_report
 from verify.claims.base import CheckResult, ControlResult
 from verify.claims.report import write_report
+from verify.speed import Speed
 
 RNG = np.random.default_rng(1234)
 
@@ -193,13 +194,13 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("figs")
     preset = tiny_preset()
     runs, report, out = root / "runs", root / "runs" / "suite", root / "out"
-    specs = catalog.runs_needed(catalog.all_modules(), preset)
+    specs = catalog.runs_needed(catalog.modules_for(preset), preset)
     assert len(missing_runs(specs, runs)) == len(specs)
     produce_runs(specs, runs, "cpu", progress=False)
     assert missing_runs(specs, runs) == []
     data = tiny_report(report)
     ctx = FigureContext(preset, runs, report, out, "cpu")
-    rendered = {m.NAME: catalog.render(m, ctx) for m in catalog.all_modules()}
+    rendered = {m.NAME: catalog.render(m, ctx) for m in catalog.modules_for(preset)}
     return {"root": root, "preset": preset, "ctx": ctx, "data": data, "rendered": rendered, "out": out}
 
 
@@ -221,16 +222,24 @@ def assert_slope(made, name: str, what: str, expected: float) -> None:
     assert f"fitted slope {two(expected)}" in md
 
 
-@pytest.mark.parametrize("name", catalog.MODULES)
+#: The figures of engine runs and the suite (the T11 figure has its own tests: test_t11_preset.py).
+ENGINE_FIGURES = [m.NAME for m in catalog.all_modules() if catalog.runs_kind(m) == "engine"]
+
+
+@pytest.mark.parametrize("name", ENGINE_FIGURES)
 def test_every_figure_renders_png_and_pdf_not_blank(made, name):
-    r = made["rendered"][name]
+    assert_rendered(made["rendered"][name], made["out"])
+
+
+def assert_rendered(r, out: Path) -> None:
+    """A rendered figure: PNG (not blank) and PDF, a caption with what is plotted and its sources."""
     assert r.png.is_file() and r.pdf.is_file() and r.caption_md.is_file() and r.caption_json.is_file()
     img = mpimg.imread(r.png)
     assert img.ndim == 3 and min(img.shape[:2]) > 200
     assert float(img[..., :3].var()) > 1e-3, "the PNG is blank"
     head = r.pdf.read_bytes()[:5]
     assert head == b"%PDF-" and r.pdf.stat().st_size > 5000
-    md, doc = caption(made, name)
+    md, doc = (out / f"{r.name}.md").read_text(), json.loads((out / f"{r.name}.json").read_text())
     assert md.startswith("### Figure") and doc["what"] and doc["sources"]
 
 
@@ -349,7 +358,7 @@ def test_bad_inputs_give_one_line_errors(made, tmp_path):
     with pytest.raises(FiguresError, match="unknown preset"):
         get_preset("huge")
     with pytest.raises(FiguresError, match="unknown figure"):
-        catalog.module("fig9")
+        catalog.module("fig42")
     with pytest.raises(FiguresError, match="no check T99"):
         load_report(made["ctx"].report_dir).check("T99")
     spec = made["preset"].runs[0]
@@ -359,3 +368,214 @@ def test_bad_inputs_give_one_line_errors(made, tmp_path):
     assert main(["fig99", "--runs", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
+
+
+def test_presets_carry_the_speed_options(capsys):
+    """verify.speed's options go into every run of a preset; precision makes other runs (an fp32 figure never
+    reads a bf16 run), channels_last/compile do not; a run saved before the options existed is fp32."""
+    plain = get_preset("paper", data="x")
+    fast = get_preset("paper", data="x", speed=Speed("bf16", channels_last=True))
+    assert plain.flags == "" and all(r.config["precision"] == "fp32" for r in plain.runs)
+    assert fast.flags == " --precision bf16 --channels-last"
+    assert "training gradients bf16+channels_last" in fast.description
+    assert all(r.config["precision"] == "bf16" and r.config["channels_last"] is True for r in fast.runs)
+    old = {
+        k: v for k, v in plain.runs[0].config.items() if k not in ("precision", "channels_last", "compile")
+    }
+    assert config_mismatch(old, plain.runs[0].config) is None
+    assert config_mismatch(old, fast.runs[0].config) == "precision = 'fp32', the preset wants 'bf16'"
+    assert config_mismatch(dict(old, channels_last=True, compile=True), plain.runs[0].config) is None
+    with pytest.raises(FiguresError, match="^preset quick: precision bf16 applies to float32 runs"):
+        get_preset("quick", speed=Speed("bf16"))
+    with pytest.raises(FiguresError, match="^preset fmnist draws T11's saved runs"):
+        get_preset("fmnist", speed=Speed("bf16"))
+    assert main(["--list", "--preset", "paper", "--precision", "bf16"]) == 0
+    assert "runs/figures-paper-bf16/ring-b64-s0" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- the fmnist preset: T11's saved runs
+def t11_run(protocol, seed: int, batch: str, rng: np.random.Generator) -> dict:
+    """A lockstep run as :func:`verify.claims.largebatch.run_one` returns it: a row every ``log_every`` steps
+    (test accuracy, train loss per arm), lambda_max / Tr H at the protocol's flatness steps."""
+    from verify.claims import largebatch as lb
+
+    flat = set(protocol.flat_steps())
+    end = {a: 0.6 + 0.3 * rng.random() for a in lb.ARMS}
+    rows = []
+    for step in range(0, protocol.steps + 1, protocol.log_every):
+        f = step / protocol.steps
+        r: dict = {"step": step}
+        for a in lb.ARMS:
+            r[f"{a}_test_acc"] = 0.1 + (end[a] - 0.1) * f
+            r[f"{a}_train_loss"] = 2.3 - 1.5 * f - 0.1 * end[a]
+            r[f"{a}_dist"] = 0.0
+            if step in flat:
+                r[f"{a}_lambda_max"] = 5 + 10 * rng.random()
+                r[f"{a}_lambda_max_err"] = 0.05
+                r[f"{a}_trace_h"] = 50 + 100 * rng.random()
+                r[f"{a}_trace_h_err"] = 1.0
+        rows.append(r)
+    return {"seed": seed, "batch": batch, "arms": list(lb.ARMS), "wall_s": 60.0, "diverged": {}, "rows": rows}
+
+
+def t11_folder(path: Path, protocol, seeds: range, rng_seed: int = 7) -> list[dict]:
+    """A T11 folder as run_protocol leaves it: runs/seed<S>_<batch>.json, then report + series CSVs written
+    by T11's own writer (:func:`verify.claims.largebatch.write_outputs`)."""
+    from verify.claims import largebatch as lb
+
+    rng = np.random.default_rng(rng_seed)
+    runs = [t11_run(protocol, s, b, rng) for s in seeds for b in lb.BATCHES]
+    (path / "runs").mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        (path / "runs" / f"seed{r['seed']}_{r['batch']}.json").write_text(json.dumps(r))
+    lb.write_outputs(path, protocol, lb.load_runs(path))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def t11(tmp_path_factory):
+    """The fmnist preset drawn by the CLI from a fake T11 folder of 2 seeds (``--seeds 2``)."""
+    root = tmp_path_factory.mktemp("t11")
+    preset = get_preset("fmnist", seeds=2)
+    runs = t11_folder(root / "t11-fmnist", preset.protocol, range(2))
+    out = root / "out"
+    code = main(["all", "--preset", "fmnist", "--seeds", "2", "--runs", str(root / "t11-fmnist"), "--out",
+                 str(out), "--quiet"])  # fmt: skip
+    return {"root": root, "runs": runs, "out": out, "code": code, "preset": preset}
+
+
+def test_fmnist_preset_reads_t11_runs_not_engine_runs(tmp_path, capsys):
+    from verify.claims.largebatch import PROTOCOLS
+
+    p = get_preset("fmnist")
+    assert p.runs == [] and p.runs_kind == "t11" and p.runs_dir == "results/t11-fmnist"
+    assert p.protocol == PROTOCOLS["fmnist"]
+    mods = catalog.modules_for(p)
+    assert [m.NAME for m in mods] == ["fig9_large_batch_scale"]
+    assert catalog.runs_needed(mods, p) == [] and catalog.checks_needed(mods) == []
+    assert main(["--list", "--preset", "fmnist"]) == 0
+    listed = capsys.readouterr().out
+    assert "results/t11-fmnist/series_small_seed0.csv (" in listed and "series_large_seed2.csv" in listed
+    assert "-b64-s0" not in listed and "-b512-s" not in listed, "the preset lists engine runs"
+    # a T11 preset with engine RunSpecs is refused where it is built
+    with pytest.raises(FiguresError, match="no engine RunSpecs"):
+        Preset("x", "d", tiny_preset().runs[:1], "quick", runs_kind="t11", protocol=p.protocol)
+
+
+def test_quick_and_paper_all_is_the_design_figures():
+    for name in ("quick", "paper"):
+        assert [m.NAME for m in catalog.modules_for(get_preset(name))] == ENGINE_FIGURES
+    assert ENGINE_FIGURES == [f"fig{i}_{n}" for i, n in enumerate(
+        ("accuracy", "landscape", "sharpness", "consensus", "equivalence", "large_batch", "smoothing",
+         "uncertainty"), 1)]  # fmt: skip
+    assert set(ENGINE_FIGURES) | {"fig9_large_batch_scale"} == set(catalog.MODULES)
+
+
+def test_fmnist_renders_the_t11_figure_only(t11):
+    out = t11["out"]
+    assert t11["code"] == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["fig9_large_batch_scale.png"]
+    r = catalog.Rendered(
+        "fig9_large_batch_scale",
+        *(out / f"fig9_large_batch_scale.{x}" for x in ("png", "pdf", "md", "json")),
+        0,
+    )
+    assert_rendered(r, out)
+    index = (out / "index.md").read_text()
+    assert "![fig9_large_batch_scale]" in index and "fig1_accuracy" not in index
+    assert "T11's runs from" in index
+
+
+def test_t11_caption_numbers_come_from_the_runs(t11):
+    from verify.claims.largebatch import BATCHES
+
+    doc = json.loads((t11["out"] / "fig9_large_batch_scale.json").read_text())
+    for b in BATCHES:
+        runs = [r for r in t11["runs"] if r["batch"] == b]
+        for arm, lab in (("dsgd", "D-SGD ring"), ("csgd", "C-SGD")):
+            v = np.array([100 * r["rows"][-1][f"{arm}_test_acc"] for r in runs])
+            want = f"{v.mean():.2f} ± {v.std(ddof=1):.2f} % (2 seeds)"
+            assert doc["numbers"][f"final test accuracy, {lab}, {b} batch"] == want
+        dc = np.array([100 * (r["rows"][-1]["dsgd_test_acc"] - r["rows"][-1]["csgd_test_acc"]) for r in runs])
+        key = f"D - C, {b} batch (paired: the two arms of one run)"
+        assert doc["numbers"][key] == f"{dc.mean():.2f} ± {dc.std(ddof=1):.2f} points (2 seeds)"
+        lam = np.mean([r["rows"][-1]["csgd_lambda_max"] for r in runs])
+        assert (
+            f"C-SGD {fmt(lam)}"
+            in doc["numbers"][f"lambda_max at the last flatness step, {b} batch (mean over seeds)"]
+        )
+    assert doc["settings"]["steps"] == t11["preset"].protocol.steps
+    assert any(s.endswith("series_large_seed1.csv") for s in doc["sources"])
+
+
+def test_t11_figure_refuses_another_protocol_and_design_figures(tmp_path, capsys):
+    from dataclasses import replace
+
+    preset = get_preset("fmnist", seeds=1)
+    other = tmp_path / "other"
+    t11_folder(other, replace(preset.protocol, steps=300), range(1))
+    args = [
+        "--preset",
+        "fmnist",
+        "--seeds",
+        "1",
+        "--runs",
+        str(other),
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    ]
+    assert main(["all", *args]) == 1
+    err = capsys.readouterr().err
+    assert "holds T11 runs made with another protocol (steps = 300, the preset wants 3000)" in err
+    assert main(["fig1", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fig1_accuracy draws engine runs" in err and "fig9" in err
+    assert main(["fig9", "--preset", "quick", "--runs", str(other), "--out", str(tmp_path / "o")]) == 2
+    assert "fig9_large_batch_scale draws T11's saved lockstep runs" in capsys.readouterr().err
+    assert (
+        main(["all", "--preset", "fmnist", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+        == 1
+    )
+    assert "no T11 series" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    t11_folder(bad, preset.protocol, range(1))
+    (bad / "series_large_seed0.csv").write_text("step,dsgd_test_acc\n0,0.1\n")
+    assert main(["all", *args[:4], "--runs", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert (
+        "series_large_seed0.csv lacks column(s) dsgd_train_loss, dsgd_lambda_max" in capsys.readouterr().err
+    )
+
+
+def test_t11_rerun_calls_run_protocol_with_resume(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from verify.claims import largebatch as lb
+
+    calls = []
+
+    def fake_run_protocol(protocol, out, *, progress=False, resume=True, log=print, **kw):
+        calls.append((protocol, Path(out), resume))
+        done = {(r["seed"], r["batch"]) for r in lb.load_runs(out)}
+        rng = np.random.default_rng(3)
+        for s in range(protocol.seeds):
+            for b in lb.BATCHES:
+                if (s, b) not in done:
+                    run = t11_run(protocol, s, b, rng)
+                    (out / "runs" / f"seed{s}_{b}.json").write_text(json.dumps(run))
+        lb.write_outputs(out, protocol, lb.load_runs(out))
+
+    monkeypatch.setattr(lb, "run_protocol", fake_run_protocol)
+    preset = get_preset("fmnist", seeds=2)
+    folder = tmp_path / "t11"
+    t11_folder(folder, preset.protocol, range(1))
+    args = ["all", "--preset", "fmnist", "--seeds", "2", "--runs", str(folder), "--out", str(tmp_path / "o")]
+    assert main([*args, "--rerun", "--quiet"]) == 0
+    assert len(calls) == 1 and calls[0][0] == preset.protocol and calls[0][1:] == (folder, True)
+    assert "seed 1 small, seed 1 large" in capsys.readouterr().err
+    assert main([*args, "--rerun", "--quiet"]) == 0 and len(calls) == 1, "nothing missing: nothing run"
+    # a folder of another protocol is not resumed into: one line, exit 2, nothing run
+    other = tmp_path / "other"
+    t11_folder(other, replace(preset.protocol, warmup=1), range(1))
+    assert main(["all", "--preset", "fmnist", "--runs", str(other), "--rerun", "--quiet"]) == 2
+    assert "another protocol (warmup = 1, the preset wants" in capsys.readouterr().err and len(calls) == 1

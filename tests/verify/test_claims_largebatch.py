@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from verify.claims import largebatch as lb
+from verify.claims.flatness import Curve, value_at_loss
 from verify.claims.t11_large_batch_gap import control_rejected
 
 ARMS = lb.ARMS
@@ -110,17 +111,21 @@ def test_mechanism_and_flatness_effects_are_differences_per_seed():
     assert a["flatness"]["lambda_max_large"]["estimate"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_at_matched_loss_interpolates_at_the_highest_final_loss():
+def test_at_matched_loss_reads_t14s_rule_at_the_lowest_common_loss():
     curves = {
         "a": {"train_loss": [1.0, 0.5, 0.2], "lam": [1.0, 2.0, 4.0]},
-        "b": {"train_loss": [1.0, 0.8, 0.4], "lam": [1.0, 3.0, 5.0]},
+        "b": {"train_loss": [1.0, 0.8, 0.4, 0.45], "lam": [1.0, 3.0, 5.0, 6.0]},
     }
     m = lb.at_matched_loss(curves, ["lam"])
-    assert m["level"] == pytest.approx(0.4)
+    assert m["level"] == pytest.approx(0.4)  # b's lowest loss, not its last
     assert m["values"]["b"]["lam"] == pytest.approx(5.0)
-    # a crosses 0.4 between 0.5 (lam 2) and 0.2 (lam 4): one third of the way
-    assert m["values"]["a"]["lam"] == pytest.approx(2.0 + 2.0 / 3.0)
-    assert m["step_index"]["a"] == pytest.approx(1 + 1 / 3)
+    # a crosses 0.4 one third of the way from 0.5 (lam 2) to 0.2 (lam 4): log-linear, as T14 reads it
+    assert m["values"]["a"]["lam"] == pytest.approx(2.0 ** (4 / 3))
+    assert m["values"]["a"]["lam"] == pytest.approx(
+        value_at_loss(
+            Curve(np.arange(3), np.array([1.0, 0.5, 0.2]), {"lam": np.array([1.0, 2.0, 4.0])}), "lam", 0.4
+        )
+    )
     assert m["below_at_first"] == []
     early = lb.at_matched_loss({**curves, "a": {"train_loss": [0.3, 0.2], "lam": [1.0, 2.0]}}, ["lam"])
     assert early["below_at_first"] == ["a"] and early["values"]["a"]["lam"] == 1.0

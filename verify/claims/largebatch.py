@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .evidence import Effect, paired_bootstrap, t_interval
+from .flatness import Curve, value_at_loss
 
 ARMS = ("dsgd", "csgd", "avgsam-xi", "avgsam-iso")
 BATCHES = ("small", "large")
@@ -125,17 +126,18 @@ PROTOCOLS: dict[str, Protocol] = {
         small=(64, 0.05), large=(512, 0.4), steps=3000, warmup=150, log_every=50, eval_samples=10000,
         flat_samples=2048, flat_from=0.1, flat_every=300, lanczos_tol=1e-2,
         why=(
-            "the paper's design at a size 2 CPU cores run in about 1.5 hours: m = 16, total batch 1024 / 8192 "
-            "(1.7 % / 13.7 % of 60k; paper 2 % / 16 %), the linear scaling rule (lr x 8), decays at "
-            "40 % / 80 %, warm-up 5 % of the iterations, 3000 iterations at both batches (51 / 410 epochs; "
-            "the paper's 6000 are 125 / 1000 epochs of CIFAR-10): 300 iterations (results/t11-fmnist-300) left "
-            "the small batch at 62 % test accuracy, untrained, so that run could not decide; 3000 is what the "
-            "measured step time (0.18 / 0.32 s for all four arms) allows in the issue's 90 minutes. A "
-            "784-256-256-10 GELU MLP (smooth, so the Hessian is well defined; a small BN CNN step at 8192 took "
-            "~7 s). lr 0.05 / 0.4, half the paper's 0.1 / 0.8: at 0.8 ring D-SGD diverged at step 24-27 in all "
-            "3 seeds (Tr Xi 1.6e7 at step 20) while C-SGD trained (results/t11-fmnist-attempt1); halving is the "
-            "first stable step of the LSR pair, chosen for stability before any accuracy was compared. Flatness "
-            "every 300 iterations from 10 % on, so curves of different speed still cross a common train loss"
+            "the paper's design at a size 2 CPU cores run in about 1.5 hours: m = 16, total batch 1024 / "
+            "8192 (1.7 % / 13.7 % of 60k; paper 2 % / 16 %), the linear scaling rule (lr x 8), decays at "
+            "40 % / 80 %, warm-up 5 % of the iterations, 3000 iterations at both batches (51 / 410 "
+            "epochs; the paper's 6000 are 125 / 1000 epochs of CIFAR-10): 300 iterations "
+            "(results/t11-fmnist-300) left the small batch at 62 % test accuracy, untrained, so that run "
+            "could not decide; 3000 is what the measured step time (0.18 / 0.32 s for all four arms) "
+            "allows in the issue's 90 minutes. A 784-256-256-10 GELU MLP (smooth, so the Hessian is well "
+            "defined; a small BN CNN step at 8192 took ~7 s). lr 0.05 / 0.4, half the paper's 0.1 / 0.8: "
+            "at 0.8 ring D-SGD diverged at step 24-27 in all 3 seeds (Tr Xi 1.6e7 at step 20) while C-SGD"
+            " trained (results/t11-fmnist-attempt1); halving is the first stable step of the LSR pair, "
+            "chosen for stability before any accuracy was compared. Flatness every 300 iterations from 10"
+            " % on, so curves of different speed still cross a common train loss"
         ),
     ),
     "paper": Protocol(
@@ -182,39 +184,25 @@ def flatness(
 def at_matched_loss(
     curves: Mapping[str, Mapping[str, Sequence[float]]], keys: Sequence[str], loss: str = "train_loss"
 ) -> dict[str, Any]:
-    """Compare runs at one common training loss.
-
-    ``curves[arm] = {loss: [...], key: [...]}`` at the measured points, in step order. The level is the
-    highest final loss among the arms (every arm reached it); each arm's ``key`` values are read at the
-    first point where its loss is <= the level, linearly interpolated in the loss between that point and
-    the one before. Returns ``{"level": L, "values": {arm: {key: value}}, "step_index": {arm: float},
-    "below_at_first": [arms]}``; an arm already below the level at its first point is read there (not
-    matched: its loss is lower than the level) and listed in ``below_at_first``.
-    Cost: nothing (reads the curves).
-    """
-    finals = {}
-    for arm, c in curves.items():
-        ls = [x for x in c[loss] if math.isfinite(x)]
-        if not ls:
-            raise ValueError(f"arm {arm}: no finite {loss}")
-        finals[arm] = ls[-1]
-    level = max(finals.values())
-    values: dict[str, dict[str, float]] = {}
-    where: dict[str, float] = {}
-    short: list[str] = []
+    """Compare runs at one common training loss: the level is the lowest loss every arm reaches (the highest
+    of the arms' lowest losses); each ``key`` is read there by :func:`verify.claims.flatness.value_at_loss`
+    (T14's rule: the first point at or below the level, interpolated in log value with the point before).
+    ``curves[arm] = {loss: [...], key: [...]}`` at the measured points, in step order. Returns ``{"level":
+    L, "values": {arm: {key: value}}, "below_at_first": [arms]}``: an arm already below the level at its
+    first point is read there (not matched: its loss is lower than the level). Cost: nothing."""
+    cs = {}
     for arm, c in curves.items():
         ls = np.asarray(c[loss], dtype=float)
-        i = int(np.flatnonzero(np.isfinite(ls) & (ls <= level))[0])
-        # ls[i - 1] > level >= ls[i]: the fraction of the way from point i - 1 to point i, in (0, 1]
-        frac = float((ls[i - 1] - level) / (ls[i - 1] - ls[i])) if i > 0 else 1.0
-        values[arm] = {}
-        for k in keys:
-            v = np.asarray(c[k], dtype=float)
-            values[arm][k] = float(v[i]) if i == 0 else float((1 - frac) * v[i - 1] + frac * v[i])
-        where[arm] = i - 1 + frac
-        if i == 0 and ls[0] < level:
-            short.append(arm)
-    return {"level": float(level), "values": values, "step_index": where, "below_at_first": short}
+        if not np.isfinite(ls).any():
+            raise ValueError(f"arm {arm}: no finite {loss}")
+        cs[arm] = Curve(np.arange(ls.size), ls, {k: np.asarray(c[k], dtype=float) for k in keys})
+    level = max(float(np.nanmin(c.loss)) for c in cs.values())
+    values = {arm: {k: value_at_loss(c, k, level) for k in keys} for arm, c in cs.items()}
+    return {
+        "level": level,
+        "values": values,
+        "below_at_first": [a for a, c in cs.items() if c.loss[0] < level],
+    }
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -250,9 +238,7 @@ def run_one(
         return flatness(fl, seed, protocol.lanczos_tol, protocol.trace_probes, protocol.lanczos_iters)
 
     t0 = time.perf_counter()
-    res = run_lockstep(
-        cfg, arms, problem=problem, measure=measure, progress=progress, desc=f"{which} s{seed}"
-    )
+    res = run_lockstep(cfg, arms, problem=problem, measure=measure, progress=progress)
     return {
         "seed": seed,
         "batch": which,

@@ -234,8 +234,3 @@ def run_config(
         algo=algo, topology=topology, workers=m, local_batch=b, lr=lr, steps=steps, seed=seed,
         log_every=steps, ensemble=False, dtype="float64", device="cpu", **extra,
     )  # fmt: skip
-
-
-def relative_errors(measured: Sequence[float], predicted: Sequence[float]) -> list[float]:
-    """``measured / predicted - 1`` elementwise."""
-    return [float(a) / float(b) - 1.0 for a, b in zip(measured, predicted, strict=True)]

@@ -80,7 +80,6 @@ class Comm:
     # ------------------------------------------------------------------ watch channel
     def _mark(self, what: str) -> None:
         self.op += 1
-        self._what = what
         if self.store_gone:
             return
         try:
