@@ -68,8 +68,8 @@ def isotropic_like(D: Tensor, seed: int, t: int) -> Tensor:
     return z * (D.pow(2).sum() / (m * d)).sqrt()
 
 
-PERTURB: dict[str, Callable[[Tensor, int, int], Tensor] | None] = {
-    "csgd": None,
+PERTURB: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "csgd": lambda D, seed, t: torch.zeros_like(D),
     "avgsam-xi": gaussian_xi,
     "avgsam-iso": isotropic_like,
     "avgsam-exact": lambda D, seed, t: D,
@@ -130,7 +130,8 @@ def run_lockstep(
         t, D = s - 1, before["D"]
         lr, batches = lr_at(t, config.lr, config.warmup, config.milestones), problem.batches(t)
         for arm in [a for a in states if a not in diverged]:
-            cfg = replace(acfg, perturbation=_fixed(PERTURB[arm], D, config.seed, t))
+            eps = PERTURB[arm](D, config.seed, t)
+            cfg = replace(acfg, perturbation=lambda _step, eps=eps: eps)
             new, losses = avgsam(states[arm], lambda W, B: grads_fn(W, B, batches), exact_average, lr, cfg)
             if bool(torch.isfinite(losses).all() & torch.isfinite(new.W).all()):
                 states[arm] = new
@@ -168,8 +169,3 @@ def _with_driver_evals(row: dict[str, Any]) -> dict[str, float]:
     out.update({f"dsgd_{k}": v for k, v in row.items() if k.split("_")[0] in ("train", "test")})
     out.update({k: v for k, v in row.items() if k == "trace_xi" or "_" in k and k.split("_")[0] in ARMS})
     return out
-
-
-def _fixed(perturb: Callable | None, D: Tensor, seed: int, t: int) -> Callable[[int], Tensor]:
-    eps = torch.zeros_like(D) if perturb is None else perturb(D, seed, t)
-    return lambda _step: eps
