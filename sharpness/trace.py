@@ -226,7 +226,7 @@ def hessian_trace(
             _, fl = network_of(op)
             g = ggn_trace(fl)  # type: ignore[arg-type]
             _require_finite_ggn(g)
-            extra.update(exact_part=g.value, n_backward=g.n_outputs * len(fl.network.batches))  # type: ignore[union-attr]
+            extra.update(exact_part=g.value, n_backward=g.n_backward)
             if method == "exact":
                 try:
                     rest, passes = activation_trace(fl, cert)  # type: ignore[arg-type]
