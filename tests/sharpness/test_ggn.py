@@ -144,14 +144,16 @@ def test_exact_ggn_equals_dense_hessian_trace_on_piecewise_linear_nets(name: str
     cert = piecewise_linear(fl)
     assert cert.exact, cert.reason
     tr = float(np.trace(H))
-    for backend in ("layers", "vmap"):
+    offsets = np.cumsum([0] + [p.numel() for p in fl.params.values()])
+    mlp = ["mlp"] if name in ("relu_mlp",) else []  # a plain nn.Sequential on (n, features) inputs
+    for backend in ["layers", "vmap", *mlp]:
         g = ggn_trace(fl, backend=backend)
         assert g.value == pytest.approx(tr, rel=1e-10, abs=1e-12)
         assert g.settings["backend"] == backend
-    # the split over parameter tensors is the trace of each diagonal block
-    offsets = np.cumsum([0] + [p.numel() for p in fl.params.values()])
-    for (k, v), a, b in zip(g.per_param.items(), offsets[:-1], offsets[1:]):
-        assert v == pytest.approx(float(np.trace(H[a:b, a:b])), rel=1e-9, abs=1e-12), k
+        # the split over parameter tensors is the trace of each diagonal block
+        for (k, v), a, b in zip(g.per_param.items(), offsets[:-1], offsets[1:]):
+            assert v == pytest.approx(float(np.trace(H[a:b, a:b])), rel=1e-9, abs=1e-12), (backend, k)
+    assert ggn_trace(fl).settings["backend"] == (mlp or ["layers"])[0]  # auto: the closed form first
     r = hessian_trace(net, loss_fn, batches)
     assert r.method == "exact-ggn" and r.stderr == 0.0 and r.n_hvp == 0 and r.converged is True
     assert r.value == pytest.approx(tr, rel=1e-10)
