@@ -11,7 +11,7 @@ from curvature_cases import DT
 from test_ggn import Wrapped, data_for, dense, relu_mlp
 from torch import nn
 
-from sharpness.functional import make_loss
+from sharpness.functional import SharpnessInputError, make_loss
 from sharpness.ggn import ggn_trace, piecewise_linear
 from sharpness.mlp_trace import chain_of
 from sharpness.trace import hessian_trace
@@ -142,7 +142,10 @@ def test_linear_on_sequences_takes_the_layer_path() -> None:
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(6, 3, 5, generator=g, dtype=DT), torch.randint(0, 4, (6,), generator=g))]
     H, G = dense(net, F.cross_entropy, batches)
-    assert ggn_trace(make_loss(net, F.cross_entropy, batches)).settings["backend"] == "layers"
+    fl = make_loss(net, F.cross_entropy, batches)
+    assert ggn_trace(fl).settings["backend"] == "layers"
+    with pytest.raises(SharpnessInputError, match="backend='mlp' needs"):
+        ggn_trace(fl, backend="mlp")
     r = hessian_trace(net, F.cross_entropy, batches, method="exact")
     assert r.value == pytest.approx(float(np.trace(H)), rel=1e-10)
     assert r.exact_part == pytest.approx(float(np.trace(G)), rel=1e-10)
