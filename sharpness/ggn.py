@@ -369,11 +369,14 @@ def _layers_batch(
     outputs: dict[str, Tensor] = {}
     calls = dict.fromkeys(owners, 0)
 
-    def hook(name: str) -> Callable[..., None]:
-        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+    def hook(name: str) -> Callable[..., Tensor]:
+        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
             calls[name] += 1
             inputs[name] = inp[0].detach()
             outputs[name] = out
+            return (
+                out.clone()
+            )  # what runs on gets a copy: an in-place op (ReLU(inplace=True)) can't change out
 
         return fn
 
@@ -781,15 +784,17 @@ def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, in
             outputs: dict[str, Tensor] = {}
             calls: list[tuple[nn.Module, Tensor, Tensor]] = []
 
-            def layer_hook(name: str) -> Callable[..., None]:
-                def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            def layer_hook(name: str) -> Callable[..., Tensor]:
+                def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
                     inputs[name], outputs[name] = inp[0].detach(), out
+                    return out.clone()  # kept safe from in-place ops downstream (as in _layers_batch)
 
                 return fn
 
-            def act_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            def act_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
                 if inp[0].requires_grad:
                     calls.append((mod, inp[0], out))
+                return out.clone()
 
             handles = [m.register_forward_hook(layer_hook(n)) for n, m in owners.items()]
             handles += [m.register_forward_hook(act_hook) for m in acts]
