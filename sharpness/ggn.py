@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from .functional import FunctionalLoss, NetworkParts, Params, SharpnessInputError, training_flags, unflatten
+from .mlp_trace import ChainPass, chain_of, loss_gradient, units_of
 from .results import Result
 
 #: Numbers a block of per-sample Jacobian-vector products may hold at once (256 MiB in float32).
@@ -142,12 +143,15 @@ def _require(parts: NetworkParts | None, what: str) -> tuple[NetworkParts, str]:
 
 @dataclass
 class GGNTrace(Result):
-    """Exact ``Tr G`` and its split over parameter tensors (``per_param``, name -> ``Tr G_pp``)."""
+    """Exact ``Tr G`` and its split over parameter tensors (``per_param``, name -> ``Tr G_pp``);
+    ``n_backward``: backward passes spent (one per output column and batch; 0 for the closed form of an
+    MLP)."""
 
     value: float
     per_param: dict[str, float] = field(default_factory=dict)
     n_samples: int = 0
     n_outputs: int = 0
+    n_backward: int = 0
     seconds: float = 0.0
 
 
@@ -163,13 +167,34 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None, backend: str = "a
     Linear, Conv2d (groups 1, zero padding) or BatchNorm module called once per forward pass.
     ``backend="vmap"``: any network; ``vmap`` over samples of a ``vjp`` of one sample's outputs, ``K``
     cotangents each; about ``C`` gradients and more on CPU, with ``chunk`` samples at a time (default: as
-    many as keep ``chunk x K x d`` under :data:`CHUNK_NUMBERS`). ``"auto"``: layers when they apply.
+    many as keep ``chunk x K x d`` under :data:`CHUNK_NUMBERS`). ``backend="mlp"``: a plain ``nn.Sequential``
+    of Linear layers and elementwise activations (:func:`sharpness.mlp_trace.chain_of`): the closed form of
+    :mod:`sharpness.mlp_trace`, no backward pass (one forward, then ``K`` columns carried back by batched
+    products). ``"auto"``: mlp, else layers, when they apply.
     """
     parts, kind = _require(fl.network, "the exact Gauss-Newton trace")
-    if backend not in ("auto", "layers", "vmap"):
-        raise SharpnessInputError(f"backend must be 'auto', 'layers' or 'vmap', not {backend!r}")
+    if backend not in ("auto", "mlp", "layers", "vmap"):
+        raise SharpnessInputError(f"backend must be 'auto', 'mlp', 'layers' or 'vmap', not {backend!r}")
     t0 = time.perf_counter()
     params = {k: v.detach() for k, v in fl.params.items()}
+    if backend in ("auto", "mlp"):
+        got = _mlp_ggn(fl, parts, kind, params)
+        if got is not None:
+            per_t, n_samples, n_out = got
+            return GGNTrace(
+                value=float(sum(per_t.values())),
+                per_param={k: float(v) for k, v in per_t.items()},
+                n_samples=n_samples,
+                n_outputs=n_out,
+                seconds=time.perf_counter() - t0,
+                settings={"loss": kind, "backend": "mlp"},
+                device=str(fl.device),
+            )
+        if backend == "mlp":
+            raise SharpnessInputError(
+                "backend='mlp' needs a plain nn.Sequential of Linear layers and elementwise activations "
+                "on (n, features) inputs"
+            )
     d = sum(v.numel() for v in params.values())
     per = {k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in params.items()}
     n_samples, n_out = 0, 0
@@ -216,10 +241,35 @@ def ggn_trace(fl: FunctionalLoss, *, chunk: int | None = None, backend: str = "a
         per_param=per_f,
         n_samples=n_samples,
         n_outputs=n_out,
+        n_backward=n_out * len(parts.batches),
         seconds=time.perf_counter() - t0,
         settings={"loss": kind, "backend": used},
         device=str(fl.device),
     )
+
+
+def _mlp_ggn(
+    fl: FunctionalLoss, parts: NetworkParts, kind: str, params: Params
+) -> tuple[dict[str, Tensor], int, int] | None:
+    """Per-parameter ``Tr G`` of a plain MLP by :meth:`ChainPass.ggn` (``None`` when the model is not one,
+    or a Linear sees other than (n, features) inputs), samples and outputs per sample."""
+    chain = chain_of(parts.model)
+    if chain is None:
+        return None
+    p = {**parts.frozen, **params}
+    per: dict[str, Tensor] = {
+        k: torch.zeros((), dtype=torch.float64, device=v.device) for k, v in params.items()
+    }
+    n_samples, n_out = 0, 0
+    for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+        run = ChainPass.run(chain, p, set(params), x)
+        if run is None:
+            return None
+        S = _factor(kind, run.out, y, float(w))
+        for k, v in run.ggn(S.transpose(1, 2)).items():
+            per[k] = per[k] + v
+        n_samples, n_out = n_samples + x.shape[0], S.shape[1]
+    return per, n_samples, n_out
 
 
 def ggn_quadratic_forms(fl: FunctionalLoss, Z: Tensor, cache: dict[int, Tensor] | None = None) -> Tensor:
@@ -319,11 +369,14 @@ def _layers_batch(
     outputs: dict[str, Tensor] = {}
     calls = dict.fromkeys(owners, 0)
 
-    def hook(name: str) -> Callable[..., None]:
-        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+    def hook(name: str) -> Callable[..., Tensor]:
+        def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
             calls[name] += 1
             inputs[name] = inp[0].detach()
             outputs[name] = out
+            return (
+                out.clone()
+            )  # what runs on gets a copy: an in-place op (ReLU(inplace=True)) can't change out
 
         return fn
 
@@ -581,13 +634,17 @@ def _graph_is_piecewise_linear(
     )
 
 
-def piecewise_linear(fl: FunctionalLoss, smooth: bool = False) -> Applicability:
+def piecewise_linear(fl: FunctionalLoss, smooth: bool = False, *, record: bool = False) -> Applicability:
     """Whether ``Tr H = Tr G`` holds exactly for this loss (the rule is in the module docstring).
 
     ``smooth=True``: also allow elementwise Tanh, Sigmoid, GELU (exact form) and Softplus on
     parameter-dependent tensors; ``exact`` then means ``Tr H = Tr G + activation_trace`` (``sites`` counts
     them). Cost: one recorded forward pass (``make_fx``) of the first two samples of each batch; the
     operations recorded are those of the whole batch unless ``forward`` branches on the batch size.
+    A plain ``nn.Sequential`` of Linear layers and elementwise activations
+    (:func:`sharpness.mlp_trace.chain_of`: exact module types, each used once, no hooks) is certified from
+    its modules instead, without recording (the operations of those modules are fixed by torch: addmm,
+    elementwise maps, flatten); ``record=True`` records it anyway. Cost then: one forward pass of two samples.
     """
     parts = fl.network
     if parts is None:
@@ -597,9 +654,13 @@ def piecewise_linear(fl: FunctionalLoss, smooth: bool = False) -> Applicability:
         return Applicability(False, "the loss is not recognised as cross-entropy or squared error")
     if parts.train_mode:
         return Applicability(False, "train mode: BatchNorm batch statistics couple the samples")
+    params = {k: v.detach() for k, v in fl.params.items()}
+    if not record:
+        got = _chain_certificate(parts, params, kind, smooth)
+        if got is not None:
+            return got
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    params = {k: v.detach() for k, v in fl.params.items()}
     sites: dict[str, int] | None = {} if smooth else None
     units = 0
     with training_flags(parts.model, False), torch.no_grad():
@@ -617,6 +678,36 @@ def piecewise_linear(fl: FunctionalLoss, smooth: bool = False) -> Applicability:
     return Applicability(True, f"{kind} loss; {why}", sites or {}, units)
 
 
+def _chain_certificate(parts: NetworkParts, params: Params, kind: str, smooth: bool) -> Applicability | None:
+    """The certificate of a plain MLP from its modules (``None``: not one, or it does not run as one on every
+    batch). Sites and units as :func:`piecewise_linear` records them: the smooth activations behind the first
+    measured Linear."""
+    chain = chain_of(parts.model)
+    if chain is None:
+        return None
+    p = {**parts.frozen, **params}
+    sites: dict[str, int] = {}
+    units = 0
+    for x, _ in parts.batches:
+        got = units_of(chain, p, set(params), x)
+        if got is None:
+            return None
+        batch_sites, units = got
+        for k, v in batch_sites.items():
+            sites[k] = sites.get(k, 0) + v
+    how = "a plain nn.Sequential of Linear layers and elementwise activations (certified from its modules)"
+    if sites and not smooth:
+        return Applicability(
+            False, f"the forward pass applies {next(iter(sites))} to a parameter-dependent tensor"
+        )
+    if not sites:
+        return Applicability(True, f"{kind} loss; {how}: every parameter-dependent operation is piecewise "
+                             "linear or bilinear in disjoint parameters")  # fmt: skip
+    names = ", ".join(f"{k.split('.')[1]} x{v}" for k, v in sites.items())
+    why = f"{how}: piecewise linear or bilinear except elementwise {names} ({units} units per sample)"
+    return Applicability(True, f"{kind} loss; {why}", sites, units)
+
+
 def _second_derivative(mod: nn.Module, z: Tensor) -> Tensor:
     """``sigma''(z)`` of an elementwise activation module."""
     if isinstance(mod, nn.Tanh):
@@ -632,6 +723,28 @@ def _second_derivative(mod: nn.Module, z: Tensor) -> Tensor:
     return phi * (2 - z * z)
 
 
+def _mlp_activation(
+    fl: FunctionalLoss, parts: NetworkParts, params: Params
+) -> tuple[Tensor, dict[str, int]] | None:
+    """The activation term of a plain MLP by :meth:`ChainPass.activation_term`, and the smooth sites run;
+    ``None`` when the model is not one (or does not run as one on a batch)."""
+    chain = chain_of(parts.model)
+    if chain is None:
+        return None
+    p = {**parts.frozen, **params}
+    total = torch.zeros((), dtype=torch.float64, device=fl.device)
+    seen: dict[str, int] = {}
+    for w, (x, y) in zip(fl.weights or [1.0], parts.batches, strict=True):
+        run = ChainPass.run(chain, p, set(params), x)
+        if run is None:
+            return None
+        term, sites = run.activation_term(loss_gradient(parts.loss_fn, run.out, y, float(w)))
+        total = total + term
+        for k, v in sites.items():
+            seen[k] = seen.get(k, 0) + v
+    return total, seen
+
+
 def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, int]:
     """The diagonal's second-order term of the elementwise activations ``h = sigma(z)``:
 
@@ -641,17 +754,27 @@ def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, in
     piecewise linear or bilinear in disjoint parameters, as ``cert = piecewise_linear(fl, smooth=True)``
     says). ``||d z_ia / d theta||^2`` per sample by the per-layer closed forms, one backward pass from unit
     ``a`` of the site (all samples at once, weighted by ``sqrt|c_ia|``). Cost: ``cert.units`` backward passes
-    per batch plus one gradient. Returns the term and the backward passes spent.
+    per batch plus one gradient. A plain ``nn.Sequential`` MLP takes the closed form of
+    :mod:`sharpness.mlp_trace` instead (no backward pass per unit: 0 spent). Returns the term and the
+    backward passes spent.
     """
     parts, _ = _require(fl.network, "the activation term")
     params = {k: v.detach() for k, v in fl.params.items()}
+    got = _mlp_activation(fl, parts, params)
+    if got is not None:
+        total_mlp, seen_mlp = got
+        if seen_mlp != cert.sites:
+            raise SharpnessInputError(
+                f"the MLP's smooth activations ran {seen_mlp} times but the certificate has {cert.sites}"
+            )
+        return float(total_mlp), 0
     owners = layer_owners(parts.model, params)
     if owners is None:
         raise SharpnessInputError(
             "the activation term needs every parameter in a Linear, Conv2d or BatchNorm"
         )
     acts = [m for m in parts.model.modules() if type(m) in _SMOOTH_OPS.values()]
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=fl.device)
     passes = 0
     seen: dict[str, int] = {}
     op_of = {v: k for k, v in _SMOOTH_OPS.items()}
@@ -661,15 +784,17 @@ def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, in
             outputs: dict[str, Tensor] = {}
             calls: list[tuple[nn.Module, Tensor, Tensor]] = []
 
-            def layer_hook(name: str) -> Callable[..., None]:
-                def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            def layer_hook(name: str) -> Callable[..., Tensor]:
+                def fn(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
                     inputs[name], outputs[name] = inp[0].detach(), out
+                    return out.clone()  # kept safe from in-place ops downstream (as in _layers_batch)
 
                 return fn
 
-            def act_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            def act_hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
                 if inp[0].requires_grad:
                     calls.append((mod, inp[0], out))
+                return out.clone()
 
             handles = [m.register_forward_hook(layer_hook(n)) for n, m in owners.items()]
             handles += [m.register_forward_hook(act_hook) for m in acts]

@@ -9,7 +9,10 @@ Methods (``method=``):
 - ``"exact"``: ``Tr H = Tr G + sum_sites sum_{i,a} (dL/dh_ia) sigma''(z_ia) ||dz_ia/dtheta||^2`` for networks
   that are piecewise linear except for elementwise smooth activations ``h = sigma(z)`` (Tanh, Sigmoid, GELU,
   Softplus modules; :func:`sharpness.ggn.activation_trace`). ``stderr = 0``. Cost: ``C`` plus one backward
-  pass per activation unit of a sample (an MLP's hidden widths), per batch.
+  pass per activation unit of a sample (an MLP's hidden widths), per batch; for a plain ``nn.Sequential`` of
+  Linear layers and elementwise activations no backward pass at all: the closed form of
+  :mod:`sharpness.mlp_trace` (one forward pass, then the same Jacobian columns by batched products, and a
+  certificate read from the modules instead of a recorded forward pass).
 - ``"ggn+hutchinson"``: ``Tr H = Tr G + E[z^T (H - G) z]``: exact ``Tr G`` plus Hutchinson on ``H - G``,
   whose variance ``2 ||H - G||_F^2`` (Rademacher: minus the diagonal part) is small near a minimum where the
   residual term ``sum_i (dl_i/df_i) nabla^2 f_i`` is small. Cost: ``Tr G`` plus, per probe, 1 HVP and 1 JVP.
@@ -97,7 +100,8 @@ class TraceResult(Result):
 
     ``n_probes``: random vectors drawn (Hutch++: sketch columns + residual probes; XTrace: test vectors).
     ``n_hvp``: Hessian-vector products spent. ``n_jvp``: Jacobian-vector products (``z^T G z``).
-    ``n_backward``: backward passes of the exact ``Tr G`` (one per output column and batch).
+    ``n_backward``: backward passes of the exact paths (one per output column and batch, plus one per
+    activation unit for ``exact``; 0 for the closed form of a plain MLP).
     ``samples``: the Hutchinson quadratic forms ``z^T H z`` (Hutch++: ``w^T H w`` with ``w = (I - QQ^T) z``;
     ggn+hutchinson: ``z^T (H - G) z``; XTrace: the exchangeable estimates). ``converged``: whether ``rtol``
     was met (``None`` without ``rtol``; ``True`` for an exact value). ``exact_part``: ``Tr G`` when used;
@@ -226,7 +230,7 @@ def hessian_trace(
             _, fl = network_of(op)
             g = ggn_trace(fl)  # type: ignore[arg-type]
             _require_finite_ggn(g)
-            extra.update(exact_part=g.value, n_backward=g.n_outputs * len(fl.network.batches))  # type: ignore[union-attr]
+            extra.update(exact_part=g.value, n_backward=g.n_backward)
             if method == "exact":
                 try:
                     rest, passes = activation_trace(fl, cert)  # type: ignore[arg-type]
