@@ -109,7 +109,6 @@ class HessianOperator:
         self.train_mode = train_mode
         self.theta = self.fl.flat_params().detach()
         self.hvp_count = 0
-        self.grad_count = 0
         self._graphs: list[tuple[float, Tensor, Tensor]] | None = None
         self.graph_budget = parse_budget(graph_memory, self.fl.device)
         self.graph_cached_bytes = 0
@@ -143,7 +142,6 @@ class HessianOperator:
 
     def gradient(self) -> Tensor:
         """Flat ``nabla L(theta)`` (one gradient)."""
-        self.grad_count += 1
         g = sum(w * grad(f)(self.theta) for w, f in self._flat_terms())
         return require_finite_gradient(self.fl.allsum(g, "a gradient"), self.fl.params)  # type: ignore[arg-type]
 
