@@ -41,6 +41,7 @@ from .config import DTYPES, ConfigError, RunConfig, build_problem
 from .problem import Problem
 from .rundir import Checkpoints, MetricsWriter, read_metrics, save_average, save_ckpt, write_config
 from .speed import RESUMABLE, training_grads
+from .speed import check as check_speed
 from .transport import Stacked, Transport, average_buffers
 
 Callback = Callable[[int, State, Problem], "dict[str, Any] | None"]
@@ -166,6 +167,7 @@ def run_loop(
     if resume and outp is None:
         raise ConfigError("resume needs the run directory (out)")
     transport.setup(problem, config, algorithm)
+    check_speed(problem, config)  # before the run folder is touched (a compilation can still fail later)
     transport.prepare(outp, resume, overwrite, RESUMABLE_CHANGES)
     acfg = AlgoConfig.of(config, perturbation=perturbation, workers=problem.m, first=transport.first)
     t_start = time.perf_counter()

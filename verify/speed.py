@@ -176,13 +176,10 @@ def channels_last_inputs(batches: Batch) -> Batch:
     return (x.movedim(-3, -1).contiguous().movedim(-1, -3), *rest)
 
 
-def training_grads(
-    problem: Problem, execution: str, options: Any, say: Callable[[str], None] | None = None
-) -> GradsFn:
-    """The grads function of ``execution`` (:func:`verify.stacked.local_grads`) with the speed options of
-    ``options`` (a :class:`Speed` or a RunConfig); ``say`` gets the notes of :func:`notes` (default: stderr).
-    Raises :class:`SpeedError` (one line) when an option cannot apply. Cost per call: the gradients, plus
-    the options' own (module docstring)."""
+def check(problem: Problem, options: Any) -> Speed:
+    """The :class:`Speed` of ``options``, or :class:`SpeedError` (one line) when an option cannot apply to
+    ``problem`` here (precision vs dtype, bf16 on the GPU, no compiler). The engine calls it before it touches
+    the run folder. Cost: a file-system lookup."""
     speed = Speed.of(options)
     why = precision_error(speed.precision, str(problem.dtype).replace("torch.", ""))
     if why:
@@ -194,6 +191,17 @@ def training_grads(
         blocker = compile_blocker(device)
         if blocker:
             raise SpeedError(f"{blocker}; run without --compile")
+    return speed
+
+
+def training_grads(
+    problem: Problem, execution: str, options: Any, say: Callable[[str], None] | None = None
+) -> GradsFn:
+    """The grads function of ``execution`` (:func:`verify.stacked.local_grads`) with the speed options of
+    ``options`` (a :class:`Speed` or a RunConfig); ``say`` gets the notes of :func:`notes` (default: stderr).
+    Raises :class:`SpeedError` (one line) when an option cannot apply (:func:`check`). Cost per call: the
+    gradients, plus the options' own (module docstring)."""
+    speed, device = check(problem, options), problem.device
     for line in notes(problem, speed, execution):
         (say or _stderr)(line)
     layout = speed.channels_last and channels_last_blocker(problem, execution) is None

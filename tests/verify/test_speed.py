@@ -157,6 +157,13 @@ def test_compile_without_a_compiler_exits_2_with_one_line(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a C++ compiler" in err[0] and "run without --compile" in err[0], err
     assert not (out / "config.json").exists()
+    # over a finished run with --overwrite: refused before the folder is touched, the old run intact
+    monkeypatch.delenv("CXX")
+    assert main([*argv[:1], *argv[2:]]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert main([*argv, "--overwrite"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_a_compilation_that_fails_is_one_line():
