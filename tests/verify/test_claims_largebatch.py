@@ -107,6 +107,9 @@ def test_mechanism_and_flatness_effects_are_differences_per_seed():
     assert a["mechanism"]["acc_avgsam-xi"]["estimate"] == pytest.approx(0.0, abs=1e-9)
     assert a["mechanism"]["acc_avgsam-iso"]["estimate"] == pytest.approx(-1.0, abs=1e-9)
     assert a["mechanism"]["acc_avgsam-iso"]["sign"] == "< 0"
+    small = [r["acc_avgsam-iso_small"] - r["acc_dsgd_small"] for r in a["per_seed"]]
+    assert a["mechanism"]["acc_avgsam-iso_small"]["estimate"] == pytest.approx(np.mean(small), abs=1e-12)
+    assert "small batch" in a["mechanism"]["acc_avgsam-iso_small"]["name"]
     assert a["dc"]["large"].interval.estimate == pytest.approx(1.0, abs=1e-9)
     assert a["flatness"]["lambda_max_large"]["estimate"] == pytest.approx(0.0, abs=1e-12)
 

@@ -16,8 +16,8 @@ Effects (t intervals over seeds, pp of test accuracy at the end):
 - endpoint (the paper's reading): the interaction ``(D - C)_large - (D - C)_small``; each ``D - C`` reported;
 - control (a counterfactual dynamics fed to the same rule): the interaction with the isotropic arm in place
   of D-SGD, ``(I - C)_large - (I - C)_small``; it must not come out supported;
-- mechanism (large batch): ``avgsam-xi - D`` and ``avgsam-iso - D`` in accuracy and, at matched training
-  loss, in ``lambda_max`` and ``Tr H``;
+- mechanism (large batch; the small batch reported too): ``avgsam-xi - D`` and ``avgsam-iso - D`` in
+  accuracy and, at matched training loss, in ``lambda_max`` and ``Tr H``;
 - flatness: ``D - C`` of ``lambda_max`` and ``Tr H`` at matched training loss (:func:`at_matched_loss`).
 
 Cost per seed: ``steps`` lockstep steps per batch (m gradients per arm per step) plus, per flatness point and
@@ -360,13 +360,15 @@ def analyse(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     def matched(r: dict, k: str, arm: str, b: str) -> float:
         return float(r.get(f"{k}_{arm}_{b}_matched", math.nan))
 
-    mech: dict[str, dict] = {}
-    for arm, label in (("avgsam-xi", "avg-SAM(Xi)"), ("avgsam-iso", "isotropic")):
-        vals = col(lambda r, a=arm: r[f"acc_{a}_large"] - r["acc_dsgd_large"])
-        mech[f"acc_{arm}"] = summary(f"{label} - D test accuracy, large batch, pp", vals)
-        for k in ("lambda_max", "trace_h"):
-            vals = col(lambda r, a=arm, k=k: matched(r, k, a, "large") - matched(r, k, "dsgd", "large"))
-            mech[f"{k}_{arm}"] = summary(f"{label} - D {k} at matched train loss, large batch", vals)
+    mech: dict[str, dict] = {}  # keys without a suffix: the large batch (the issue's); "_small": the other
+    for b, suffix in (("large", ""), ("small", "_small")):
+        for arm, label in (("avgsam-xi", "avg-SAM(Xi)"), ("avgsam-iso", "isotropic")):
+            vals = col(lambda r, a=arm, b=b: r[f"acc_{a}_{b}"] - r[f"acc_dsgd_{b}"])
+            mech[f"acc_{arm}{suffix}"] = summary(f"{label} - D test accuracy, {b} batch, pp", vals)
+            for k in ("lambda_max", "trace_h"):
+                vals = col(lambda r, a=arm, k=k, b=b: matched(r, k, a, b) - matched(r, k, "dsgd", b))
+                name = f"{label} - D {k} at matched train loss, {b} batch"
+                mech[f"{k}_{arm}{suffix}"] = summary(name, vals)
     flat: dict[str, dict] = {}
     for k in ("lambda_max", "trace_h"):
         for b in BATCHES:
@@ -483,7 +485,7 @@ def write_outputs(
                 f"[{bs.low:.3g}, {bs.high:.3g}] "
                 "(with this few seeds it cannot be wider than the data's range; the t interval above decides)"
             ]
-        lines += ["", "## Mechanism (large batch) and flatness at matched train loss (reported)", ""]
+        lines += ["", "## Mechanism (both batches) and flatness at matched train loss (reported)", ""]
         lines += [f"- **{k}**: {summary_text(d)}" for k, d in reported.items()]
         first = protocol.flat_steps()[0]
         lines += [
