@@ -26,7 +26,9 @@ class FiguresError(ValueError):
     """A missing or malformed input of a figure; the message is one line naming the problem."""
 
 
-def _read_json(path: Path) -> Any:
+def read_json_file(path: Path) -> Any:
+    """A JSON file's content; one-line :class:`FiguresError` naming the file if it cannot be read or
+    parsed (:func:`verify.rundir.read_json`)."""
     try:
         return read_json(path)
     except RunDirError as exc:
@@ -159,7 +161,7 @@ class Report:
 def load_report(path: str | Path) -> Report:
     """Read ``report.json`` of a suite report folder."""
     path = Path(path)
-    doc = _read_json(path / "report.json")
+    doc = read_json_file(path / "report.json")
     if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list):
         raise FiguresError(f"{path / 'report.json'} is not a suite report (no 'checks' list)")
     checks = {str(c.get("id")): c for c in doc["checks"] if isinstance(c, dict)}

@@ -19,7 +19,6 @@ Reads only; computes nothing but means. Cost: seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 
 from . import style
 from .context import config_mismatch
-from .sources import FiguresError, read_csv_columns
+from .sources import FiguresError, read_csv_columns, read_json_file
 
 ARMS = {
     "dsgd": ("D-SGD ring", style.color("ring"), "o"),
@@ -93,10 +92,7 @@ def saved_protocol(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / "report.json"
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FiguresError(f"{path} is not readable JSON ({type(exc).__name__})") from None
+    doc = read_json_file(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("protocol"), dict):
         raise FiguresError(f"{path} is not a T11 report (no 'protocol')")
     return doc["protocol"]
