@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from .functional import FunctionalLoss, NetworkParts, Params, SharpnessInputError, training_flags, unflatten
-from .mlp_trace import ChainPass, chain_of, loss_gradient, units_of
+from .mlp_trace import ChainPass, chain_of, derivatives, loss_gradient, units_of
 from .results import Result
 
 #: Numbers a block of per-sample Jacobian-vector products may hold at once (256 MiB in float32).
@@ -708,21 +708,6 @@ def _chain_certificate(parts: NetworkParts, params: Params, kind: str, smooth: b
     return Applicability(True, f"{kind} loss; {why}", sites, units)
 
 
-def _second_derivative(mod: nn.Module, z: Tensor) -> Tensor:
-    """``sigma''(z)`` of an elementwise activation module."""
-    if isinstance(mod, nn.Tanh):
-        t = torch.tanh(z)
-        return -2 * t * (1 - t * t)
-    if isinstance(mod, nn.Sigmoid):
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (1 - 2 * s)
-    if isinstance(mod, nn.Softplus):
-        s = torch.sigmoid(mod.beta * z)
-        return torch.where(mod.beta * z > mod.threshold, torch.zeros_like(z), mod.beta * s * (1 - s))
-    phi = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # GELU, exact form: d2/dz2 z Phi(z)
-    return phi * (2 - z * z)
-
-
 def _mlp_activation(
     fl: FunctionalLoss, parts: NetworkParts, params: Params
 ) -> tuple[Tensor, dict[str, int]] | None:
@@ -816,7 +801,7 @@ def activation_trace(fl: FunctionalLoss, cert: Applicability) -> tuple[float, in
             targets = [outputs[m] for m in names]
             prep = {m: _layer_inputs(owners[m], inputs[m]) for m in names}
             for (mod, z, _), delta in zip(calls, deltas, strict=True):
-                c = (delta * _second_derivative(mod, z.detach())).detach().reshape(z.shape[0], -1)
+                c = (delta * derivatives(mod, z.detach(), True)[1]).detach().reshape(z.shape[0], -1)
                 root, sign = c.abs().sqrt(), torch.sign(c).double()
                 live = [a for a in range(c.shape[1]) if bool((c[:, a] != 0).any())]
                 cots = torch.zeros(len(live), *c.shape, dtype=c.dtype, device=c.device)
